@@ -1,0 +1,3 @@
+from dingdifyd.cli import main
+
+raise SystemExit(main())

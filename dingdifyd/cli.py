@@ -1,0 +1,87 @@
+"""The `dingdifyd` command: argument parsing and the mapping of errors to sysexits codes, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dingdifyd import __version__
+from dingdifyd.errors import EX_CONFIG, EX_OK, EX_USAGE, ConfigError, DingdifydError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dingdifyd",
+        description="Connect DingTalk Stream robots to Dify apps; answers stream into DingTalk AI cards.",
+    )
+    parser.add_argument("--version", action="version", version=f"dingdifyd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon: a supervisor and one process per bot")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="the YAML configuration file")
+    run.add_argument("--bot", action="append", metavar="NAME", help="run only this bot (repeatable)")
+
+    check = commands.add_parser("check-config", help="validate a configuration and print it, secrets masked")
+    check.add_argument("-c", "--config", required=True, metavar="FILE")
+    check.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+
+    chat = commands.add_parser("chat", help="chat with a bot's Dify app in the terminal, through the bridge code")
+    chat.add_argument("-c", "--config", required=True, metavar="FILE")
+    chat.add_argument("--bot", required=True, metavar="NAME")
+    chat.add_argument("--user", default="terminal", help="the user id the terminal chats as (default: terminal)")
+
+    demo = commands.add_parser("demo", help="run the daemon against built-in DingTalk and Dify simulators")
+    demo.add_argument("--speed", type=float, default=1.0, help="answer speed factor (default 1.0)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EX_USAGE
+    try:
+        if args.command == "check-config":
+            return check_config(args.config, quiet=args.quiet)
+        if args.command == "run":
+            from dingdifyd.supervisor import main as run_daemon
+
+            return run_daemon(args.config, args.bot)
+        if args.command == "chat":
+            from dingdifyd.chat import run_chat
+
+            return run_chat(args.config, args.bot, args.user)
+        if args.command == "demo":
+            from dingdifyd.demo import run_demo
+
+            return run_demo(speed=args.speed)
+    except ConfigError as exc:
+        _print_problems(args.config, exc)
+        return EX_CONFIG
+    except DingdifydError as exc:
+        print(f"dingdifyd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EX_USAGE
+
+
+def check_config(path: str, *, quiet: bool = False) -> int:
+    from dingdifyd import config
+
+    loaded = config.load(path)
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not quiet:
+        print(config.render_effective(loaded), end="")
+    print(f"{path}: OK, {len(loaded.bots)} bot(s)", file=sys.stderr)
+    return EX_OK
+
+
+def _print_problems(path: str, exc: ConfigError) -> None:
+    print(f"{path}: {len(exc.problems)} problem(s):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)

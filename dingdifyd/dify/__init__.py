@@ -1,0 +1,1 @@
+"""Dify Service API adapter: async client, SSE decoding, typed events."""

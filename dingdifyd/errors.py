@@ -1,0 +1,109 @@
+"""The project's exception tree and the sysexits codes the commands map them to.
+
+Adapters turn every transport failure into one of these, so that nothing above them
+needs to know aiohttp, websockets or the DingTalk SDK.
+"""
+
+from __future__ import annotations
+
+# sysexits.h
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+class DingdifydError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code = EX_SOFTWARE
+
+
+class ConfigError(DingdifydError):
+    """The configuration is invalid. Carries every problem found, each named by its key path."""
+
+    exit_code = EX_CONFIG
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class PeerError(DingdifydError):
+    """A call to DingTalk or Dify failed. `user_message` is safe to show to the person chatting."""
+
+    exit_code = EX_TEMPFAIL
+    user_message = "The service did not answer. Please try again in a moment."
+
+
+# --- Dify -------------------------------------------------------------------------------------------------
+
+
+class DifyError(PeerError):
+    """Dify answered with an error, before or inside the stream."""
+
+    user_message = "The AI service reported an error. Please try again."
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+class DifyAuthError(DifyError):
+    """401/403: the app API key is wrong or the app is disabled. Retrying will not help."""
+
+    exit_code = EX_CONFIG
+    user_message = "This bot is not set up correctly (its Dify API key was refused). Please tell its admin."
+
+
+class ConversationNotFound(DifyError):
+    """404 "Conversation Not Exists": the stored conversation id is no longer valid."""
+
+
+class DifyRateLimited(DifyError):
+    user_message = "The AI service is busy right now. Please try again in a minute."
+
+
+class DifyTimeout(DifyError):
+    user_message = "The AI service took too long to answer. Please try again."
+
+
+class DifyStreamCut(DifyError):
+    """The stream ended without a terminal event (proxy timeout, worker crash)."""
+
+    user_message = "The answer was cut off by the AI service. Please try again."
+
+
+class DifyUnavailable(DifyError):
+    """Connection refused, DNS failure, TLS error: Dify could not be reached at all."""
+
+    user_message = "The AI service cannot be reached right now. Please try again later."
+
+
+# --- DingTalk ---------------------------------------------------------------------------------------------
+
+
+class DingTalkError(PeerError):
+    """A DingTalk OpenAPI call failed."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+class DingTalkAuthError(DingTalkError):
+    """The app's client id / secret were refused. Retrying will not help."""
+
+    exit_code = EX_CONFIG
+
+
+class DingTalkRateLimited(DingTalkError):
+    """403 Forbidden.AccessDenied.QpsLimit* or 429: slow down and retry."""
+
+
+class DingTalkUnavailable(DingTalkError):
+    """Connection failure or timeout talking to DingTalk."""

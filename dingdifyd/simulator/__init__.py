@@ -1,0 +1,1 @@
+"""Loopback simulators of DingTalk and Dify, used by the tests, the demo and the benchmarks."""
