@@ -1,0 +1,420 @@
+"""The DingTalk Stream connection: the only module that imports the dingtalk-stream SDK.
+
+The SDK (0.24.3) is used for what it does well: frame parsing, routing and building the ACKs. Its `start()`
+is replaced, because it blocks the loop (`requests`, no timeout), swallows cancellation, dies on an early
+error and sleeps a fixed 10 s between attempts (reference/protocols.md A.13). Here the ticket is fetched
+with aiohttp under a timeout, reconnects back off exponentially with jitter, a malformed frame is logged
+and skipped, and cancelling `run()` ends it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import quote_plus
+
+import aiohttp
+import dingtalk_stream
+import websockets
+
+# The SDK's `except (..., websockets.exceptions.ConnectionClosedError)` raises AttributeError unless this
+# submodule was imported before it runs (protocols.md A.13 #2): importing it here, with the SDK, is enough.
+import websockets.exceptions
+from dingtalk_stream.version import VERSION_STRING
+
+from dingdifyd.bridge.models import SINGLE_CHAT, IncomingMessage
+from dingdifyd.config import Secret
+from dingdifyd.dingtalk.api import describe_transport_error
+from dingdifyd.dingtalk.ratelimit import ExponentialBackoff
+from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkUnavailable
+
+log = logging.getLogger(__name__)
+
+# The SDK's handler classes attach a StreamHandler to their loggers unless one is found up the tree; a
+# NullHandler here stops that, and their records still propagate to whatever logging the daemon set up.
+logging.getLogger("dingtalk_stream").addHandler(logging.NullHandler())
+
+STATE_CONNECTED = "connected"
+STATE_DISCONNECTED = "disconnected"
+
+
+class _SdkLogFilter(logging.Filter):
+    """0.24.3 warns about every SYSTEM ping ("unknown message topic") and puts whole frames, message text
+    included, into some lines. Drop the former; replace frames by their messageId in the latter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or not args:
+            return True
+        if str(record.msg).startswith("unknown message topic") and args[0] == "ping":
+            return False
+        if any(isinstance(arg, Mapping) for arg in args):
+            record.args = tuple(_frame_summary(arg) if isinstance(arg, Mapping) else arg for arg in args)
+        return True
+
+
+def _frame_summary(frame: Mapping[str, Any]) -> str:
+    headers = frame.get("headers")
+    message_id = headers.get("messageId") if isinstance(headers, Mapping) else None
+    return f"<frame {frame.get('type')} messageId={message_id}>"
+
+
+_sdk_log = logging.getLogger("dingdifyd.dingtalk.sdk")
+_sdk_log.addFilter(_SdkLogFilter())
+# websockets dumps every frame at DEBUG, and robot message frames carry sessionWebhook URLs (credentials)
+# and message text: its logger for our connections stays at INFO whatever the daemon's level.
+_websocket_log = logging.getLogger("dingdifyd.dingtalk.websocket")
+_websocket_log.setLevel(logging.INFO)
+
+
+# --- payload → IncomingMessage (pure) ---------------------------------------------------------------------
+
+
+def _as_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _text_of(msg_type: str, data: Mapping[str, Any], content: Mapping[str, Any]) -> str:
+    if msg_type == "text":
+        text = data.get("text")
+        return _as_str(text.get("content")).strip() if isinstance(text, Mapping) else ""
+    if msg_type == "richText":
+        items = content.get("richText")
+        if not isinstance(items, list):
+            return ""
+        parts = (_as_str(item.get("text")).strip() for item in items if isinstance(item, Mapping))
+        return "\n".join(part for part in parts if part)
+    if msg_type == "audio":
+        return _as_str(content.get("recognition")).strip()
+    return ""
+
+
+def parse_incoming(data: Any, *, default_robot_code: str = "") -> IncomingMessage | None:
+    """The robot message in a callback's `data`, or None when it has no msgId to answer or de-duplicate by.
+
+    Never raises: DingTalk sends shapes the SDK's parser chokes on, e.g. no `text` at all once the org's
+    message quota is exhausted (then `content` keeps the `errorMessage` for the bridge to see).
+    """
+    if not isinstance(data, Mapping):
+        return None
+    msg_id = _as_str(data.get("msgId"))
+    if not msg_id:
+        return None
+    msg_type = _as_str(data.get("msgtype")) or "unknown"
+    raw_content = data.get("content")
+    content: dict[str, Any] = dict(raw_content) if isinstance(raw_content, Mapping) else {}
+    if "errorMessage" in data and "errorMessage" not in content:
+        content["errorMessage"] = data["errorMessage"]
+    return IncomingMessage(
+        robot_code=_as_str(data.get("robotCode")) or default_robot_code,
+        msg_id=msg_id,
+        msg_type=msg_type,
+        text=_text_of(msg_type, data, content),
+        conversation_id=_as_str(data.get("conversationId")),
+        conversation_type=_as_str(data.get("conversationType")) or SINGLE_CHAT,
+        sender_id=_as_str(data.get("senderId")),
+        sender_staff_id=_as_str(data.get("senderStaffId")),
+        sender_nick=_as_str(data.get("senderNick")),
+        sender_corp_id=_as_str(data.get("senderCorpId")),
+        conversation_title=_as_str(data.get("conversationTitle")),
+        session_webhook=_as_str(data.get("sessionWebhook")),
+        session_webhook_expires_ms=_as_int(data.get("sessionWebhookExpiredTime")),
+        created_at_ms=_as_int(data.get("createAt")),
+        content=content,
+    )
+
+
+def _frame_problem(frame: Any) -> str | None:
+    """Why the SDK would fail on this frame (and send no ACK), or None when it can route it."""
+    if not isinstance(frame, dict):
+        return "not a JSON object"
+    headers = frame.get("headers")
+    if not isinstance(headers, dict):
+        return "no headers object"
+    for key in ("time", "eventBornTime"):
+        if key in headers:
+            try:
+                int(headers[key])  # what the SDK's Headers.from_dict does
+            except (TypeError, ValueError):
+                return f"non-numeric headers.{key}"
+    data = frame.get("data")
+    if data is None or data == "":
+        return None
+    if not isinstance(data, str):
+        return "data is not a JSON string"
+    try:
+        json.loads(data)
+    except ValueError:
+        return "data is not valid JSON"
+    return None
+
+
+# --- the SDK glue -----------------------------------------------------------------------------------------
+
+
+class _ChatbotCallbackHandler(dingtalk_stream.CallbackHandler):
+    """Hands each robot message to the bridge and returns at once: the SDK ACKs only after `process()`, and
+    DingTalk redelivers what is not ACKed within about 60 s."""
+
+    def __init__(self, on_message: Callable[[IncomingMessage], None], robot_code: str):
+        super().__init__()
+        self.logger = _sdk_log
+        self._on_message = on_message
+        self._robot_code = robot_code
+
+    async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, str]:
+        message_id = callback.headers.message_id
+        try:
+            message = parse_incoming(callback.data, default_robot_code=self._robot_code)
+            if message is None:
+                log.warning("robot message without msgId ignored (frame %s)", message_id)
+            else:
+                log.debug("robot message %s (frame %s, %s)", message.msg_id, message_id, message.msg_type)
+                self._on_message(message)
+        except Exception:
+            # Raising here would mean no ACK and a redelivery of the same failure a minute later.
+            log.exception("handling robot message of frame %s failed", message_id)
+        return dingtalk_stream.AckMessage.STATUS_OK, "OK"
+
+
+class StreamConnection(dingtalk_stream.DingTalkStreamClient):
+    """One app's Stream connection, kept up until cancelled or closed. `on_message` is called synchronously
+    from the frame's task and must only schedule work."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        client_secret: Secret,
+        api_base: str,
+        session: aiohttp.ClientSession,
+        on_message: Callable[[IncomingMessage], None],
+        on_state: Callable[[str], None] = lambda state: None,
+        open_timeout: float = 10.0,
+        reconnect_min_delay: float = 1.0,
+        reconnect_max_delay: float = 60.0,
+        stable_after: float = 30.0,
+    ):
+        # The SDK gets the Secret object, not its value: we never let the SDK open connections or fetch
+        # tokens, and if some SDK helper ever tried, encoding a Secret fails instead of leaking it.
+        super().__init__(dingtalk_stream.Credential(client_id, client_secret), logger=_sdk_log)
+        self.client_id = client_id
+        self._secret = client_secret
+        self._open_url = api_base.rstrip("/") + "/v1.0/gateway/connections/open"
+        self._session = session
+        self._on_state = on_state
+        self._open_timeout = open_timeout
+        self._backoff = ExponentialBackoff(base=reconnect_min_delay, cap=reconnect_max_delay)
+        self._stable_after = stable_after
+        self._frame_tasks: set[asyncio.Task[None]] = set()
+        self._disconnect_requested = False
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._run_task: asyncio.Task[Any] | None = None
+        self.register_callback_handler(
+            dingtalk_stream.ChatbotMessage.TOPIC, _ChatbotCallbackHandler(on_message, client_id)
+        )
+
+    # --- public ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect and serve until cancelled or closed. Raises DingTalkAuthError on refused credentials."""
+        self._run_task = asyncio.current_task()
+        try:
+            await self.start()
+        finally:
+            await self._cancel_frame_tasks()
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        websocket = self.websocket
+        if websocket is not None:
+            await websocket.close()
+        task = self._run_task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            done, _ = await asyncio.wait({task}, timeout=self._open_timeout + 1.0)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task})
+        await self._cancel_frame_tasks()
+
+    # --- SDK overrides --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.pre_start()
+        while not self._stopping:
+            reconnect_now = False
+            try:
+                endpoint, ticket = await self._open_ticket()
+                if self._stopping:
+                    break
+                connected_at = time.monotonic()
+                reconnect_now = await self._serve(endpoint, ticket)
+                if time.monotonic() - connected_at >= self._stable_after:
+                    self._backoff.reset()
+            except DingTalkAuthError:
+                raise
+            except (DingTalkError, OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
+                log.warning("DingTalk Stream connection of %s failed: %s", self.client_id, _describe(exc))
+            except Exception:
+                # Whatever went wrong, the robot must come back: log it loudly and retry after a pause.
+                log.exception("DingTalk Stream connection of %s failed unexpectedly", self.client_id)
+            if self._stopping:
+                break
+            if reconnect_now:
+                # DingTalk asked us to move (load balancing): that is not a failure, reconnect at once.
+                self._backoff.reset()
+                continue
+            delay = self._backoff.next_delay()
+            log.info("DingTalk Stream of %s reconnects in %.1fs", self.client_id, delay)
+            await self._sleep(delay)
+
+    def open_connection(self) -> Any:
+        raise NotImplementedError("StreamConnection opens its connections itself (non-blocking)")
+
+    def get_access_token(self) -> Any:
+        raise NotImplementedError("use dingdifyd.dingtalk.api.DingTalkApi")
+
+    def upload_to_dingtalk(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("use dingdifyd.dingtalk.api.DingTalkApi")
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    async def _open_ticket(self) -> tuple[str, str]:
+        """POST gateway/connections/open, as the SDK does but with a timeout and without its get_host_ip."""
+        subscriptions = [{"type": "CALLBACK", "topic": topic} for topic in self.callback_handler_map]
+        body = {
+            "clientId": self.client_id,
+            "clientSecret": self._secret.reveal(),
+            "subscriptions": subscriptions,
+            "ua": f"dingtalk-sdk-python/v{VERSION_STRING}-union",
+            "localIp": "",
+        }
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": f"DingTalkStream/1.0 SDK/{VERSION_STRING} Python/{platform.python_version()} "
+            "(+https://github.com/open-dingtalk/dingtalk-stream-sdk-python)",
+        }
+        timeout = aiohttp.ClientTimeout(total=self._open_timeout)
+        try:
+            async with self._session.post(
+                self._open_url, json=body, headers=headers, timeout=timeout
+            ) as response:
+                status = response.status
+                raw = await response.read()
+        except TimeoutError:
+            raise DingTalkUnavailable(f"gateway open: no answer within {self._open_timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            raise DingTalkUnavailable(f"gateway open: {describe_transport_error(exc)}") from None
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = None
+        code = str(payload.get("code", "")) if isinstance(payload, dict) else ""
+        if status in (400, 401, 403):
+            log.error(
+                "DingTalk refused the credentials of app %s when opening the Stream connection (HTTP %s %s)",
+                self.client_id, status, code,
+            )
+            raise DingTalkAuthError(
+                f"DingTalk refused the Stream credentials of app {self.client_id}",
+                status=status, code=code or None,
+            )
+        if status != 200:
+            raise DingTalkError(
+                f"gateway open failed: HTTP {status} {code}".rstrip(), status=status, code=code or None
+            )
+        endpoint = payload.get("endpoint") if isinstance(payload, dict) else None
+        ticket = payload.get("ticket") if isinstance(payload, dict) else None
+        if not isinstance(endpoint, str) or not endpoint or not isinstance(ticket, str) or not ticket:
+            raise DingTalkError("gateway open answered without endpoint and ticket", status=status)
+        return endpoint, ticket
+
+    async def _serve(self, endpoint: str, ticket: str) -> bool:
+        """One WebSocket session. Returns True when DingTalk asked for a reconnect (SYSTEM disconnect)."""
+        separator = "&" if "?" in endpoint else "?"
+        uri = f"{endpoint}{separator}ticket={quote_plus(ticket)}"
+        self._disconnect_requested = False
+        async with websockets.connect(
+            uri, open_timeout=self._open_timeout, close_timeout=2, logger=_websocket_log
+        ) as websocket:
+            self.websocket = websocket
+            log.info("DingTalk Stream of %s connected", self.client_id)
+            self._notify_state(STATE_CONNECTED)
+            try:
+                if self._stopping:
+                    return False
+                async for raw in websocket:
+                    self._dispatch(raw)
+            finally:
+                self._notify_state(STATE_DISCONNECTED)
+        log.info("DingTalk Stream of %s closed (code %s)", self.client_id, websocket.close_code)
+        return self._disconnect_requested
+
+    def _dispatch(self, raw: str | bytes) -> None:
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            log.warning("DingTalk Stream frame dropped: not JSON (%d bytes)", len(raw))
+            return
+        problem = _frame_problem(frame)
+        if problem is not None:
+            log.warning("DingTalk Stream frame dropped: %s", problem)
+            return
+        headers = frame["headers"]
+        log.debug("frame %s %s %s", frame.get("type"), headers.get("topic"), headers.get("messageId"))
+        if frame.get("type") == dingtalk_stream.SystemMessage.TYPE and (
+            headers.get("topic") == dingtalk_stream.SystemMessage.TOPIC_DISCONNECT
+        ):
+            self._disconnect_requested = True
+        # The SDK's routing builds and sends the ACK; each frame in its own task, as the SDK does.
+        task = asyncio.get_running_loop().create_task(self.background_task(frame))
+        self._frame_tasks.add(task)
+        task.add_done_callback(self._frame_tasks.discard)
+
+    def _notify_state(self, state: str) -> None:
+        try:
+            self._on_state(state)
+        except Exception:
+            log.exception("on_state(%s) failed", state)
+
+    async def _sleep(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _cancel_frame_tasks(self) -> None:
+        tasks = list(self._frame_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, DingTalkError):
+        return str(exc)
+    if isinstance(exc, websockets.exceptions.ConnectionClosed):
+        return f"connection lost ({type(exc).__name__}, code {exc.rcvd.code if exc.rcvd else 'none'})"
+    # Handshake errors of websockets may quote the URI, whose query is the ticket: never use their text.
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"{type(exc).__name__} (HTTP {status})" if status else type(exc).__name__
