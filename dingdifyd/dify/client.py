@@ -1,0 +1,371 @@
+"""The Dify Service API client: one app (one API key), streaming answers as typed events.
+
+Every byte goes through `_request` (connect, send, response headers, error statuses) and `_io` (each
+read after that), which turn aiohttp, OS and timeout failures into the DifyError family, so nothing above
+this module sees aiohttp. Three timeouts, each for one way a peer can hang: the TCP connect, the wait for
+the response headers (Dify sends them once the app has started), and the gap between two reads of the
+stream (Dify pings every 10 s, so a silent minute means a dead stream). The stream ends at the terminal
+event, not at EOF: Dify keeps the socket open after `message_end` while it generates a conversation title.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from dingdifyd.config import Secret
+from dingdifyd.dify.events import DifyEvent, WorkflowFinished, parse_event
+from dingdifyd.dify.sse import SSEMessage, iter_sse
+from dingdifyd.errors import (
+    ConversationNotFound,
+    DifyAuthError,
+    DifyError,
+    DifyRateLimited,
+    DifyStreamCut,
+    DifyTimeout,
+    DifyUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+CHAT_APP_TYPES = ("chatbot", "agent", "chatflow")
+APP_TYPES = (*CHAT_APP_TYPES, "completion", "workflow")
+AUTO = "auto"  # ask the server on first use (`resolve_app_type`)
+# Dify's own name for each app mode (GET /info `mode` in 1.x, the `mode` of a blocking answer) -> our app type
+APP_TYPE_BY_MODE = {
+    "chat": "chatbot",
+    "agent-chat": "agent",
+    "advanced-chat": "chatflow",
+    "completion": "completion",
+    "workflow": "workflow",
+}
+_RATE_LIMIT_CODES = ("too_many_requests", "rate_limit_error")
+_ROUTE_MISMATCH_CODES = ("not_chat_app", "not_completion_app", "not_workflow_app", "app_unavailable")
+
+
+@dataclass(frozen=True)
+class DifyTimeouts:
+    connect: float = 10.0  # TCP connect
+    first_byte: float = 60.0  # until the response headers arrive (and, for plain JSON calls, the whole body)
+    idle: float = 60.0  # the longest gap between two reads of the stream; Dify's pings count
+
+
+def classify_error(status: int | None, code: str | None, message: str) -> DifyError:
+    """The DifyError subclass for an error Dify reported, before the stream (HTTP status) or inside it."""
+    if status in (401, 403):
+        return DifyAuthError(message, status=status, code=code)
+    # 1.x appends route hints to this message ("... You have requested this URI ..."): never compare equal
+    if code == "not_found" and message.startswith("Conversation Not Exists"):
+        return ConversationNotFound(message, status=status, code=code)
+    # in 1.x the concurrency limit may surface as a 400 whose code still says what it is
+    if status == 429 or code in _RATE_LIMIT_CODES:
+        return DifyRateLimited(message, status=status, code=code)
+    return DifyError(message, status=status, code=code)
+
+
+def error_from_response(status: int, body: bytes, content_type: str) -> DifyError:
+    """The error for a non-2xx answer: Dify's `{"code", "message", "status"}`, or whatever a proxy sent."""
+    try:
+        obj = json.loads(body.decode("utf-8", errors="replace")) if body else None
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and ("code" in obj or "message" in obj):
+        code = str(obj.get("code") or "") or None
+        message = str(obj.get("message") or f"HTTP {status}")
+        if obj.get("params"):  # flask-restful validation errors name the offending field here
+            message = f"{message}: {obj['params']}"
+        return classify_error(status, code, message)
+    kind = content_type or "no content type"
+    return classify_error(status, None, f"Dify answered HTTP {status} with a non-JSON body ({kind})")
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class DifyClient:
+    """One Dify app. Uses the aiohttp session it is given and never closes it."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: Secret,
+        app_type: str,
+        session: aiohttp.ClientSession,
+        timeouts: DifyTimeouts = DifyTimeouts(),
+        input_variable: str = "query",
+    ):
+        if app_type not in (*APP_TYPES, AUTO):
+            raise ValueError(f"app_type must be one of {', '.join((*APP_TYPES, AUTO))}, not {app_type!r}")
+        self.base_url = base_url.rstrip("/")
+        self.app_type = app_type
+        self.input_variable = input_variable
+        self.timeouts = timeouts
+        self._api_key = api_key
+        self._session = session
+
+    def __repr__(self) -> str:
+        return f"DifyClient({self.base_url!r}, app_type={self.app_type!r})"
+
+    # --- public calls -------------------------------------------------------------------------------------
+
+    async def stream_answer(
+        self,
+        *,
+        query: str,
+        user: str,
+        conversation_id: str | None = None,
+        inputs: dict[str, Any] | None = None,
+        files: list[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[DifyEvent]:
+        """Ask the app and yield its events up to and including the terminal one (pings are not yielded).
+
+        Raises DifyError (or a subclass) for an HTTP error, an `error` event, a failed workflow, a timeout,
+        or a stream that ends without its terminal event.
+        """
+        if self.app_type == AUTO:
+            self.app_type = await self.resolve_app_type()
+        path, body = self.request_for(
+            query=query, user=user, conversation_id=conversation_id, inputs=inputs, files=files
+        )
+        terminal = "workflow_finished" if self.app_type == "workflow" else "message_end"
+        log.debug("POST %s (user %s, conversation %s)", path, user, conversation_id or "new")
+        async with self._request("POST", path, json_body=body) as response:
+            content_type = response.headers.get("Content-Type", "")
+            if not content_type.startswith("text/event-stream"):
+                raise DifyError(
+                    f"Dify answered {path} with {content_type or 'no content type'}, not an event stream",
+                    status=response.status,
+                )
+            async with (
+                contextlib.aclosing(self._chunks(response)) as chunks,
+                contextlib.aclosing(iter_sse(chunks)) as messages,
+            ):
+                async for message in messages:
+                    event = self._decode(message)
+                    if event is None:
+                        continue
+                    if event.event == terminal:
+                        # do not wait for EOF: Dify may hold the socket open long after the terminal event
+                        response.close()
+                        log.debug("stream of task %s complete", event.task_id)
+                        yield event
+                        return
+                    yield event
+        raise DifyStreamCut(f"the Dify stream of {path} ended without {terminal}")
+
+    async def stop(self, task_id: str, user: str) -> None:
+        """Ask Dify to stop a running generation; its stream then ends early with its terminal event."""
+        if self.app_type == AUTO:
+            self.app_type = await self.resolve_app_type()
+        if self.app_type == "workflow":
+            path = f"/workflows/tasks/{task_id}/stop"
+        elif self.app_type == "completion":
+            path = f"/completion-messages/{task_id}/stop"
+        else:
+            path = f"/chat-messages/{task_id}/stop"
+        await self._json_call("POST", path, json_body={"user": user})
+
+    async def resolve_app_type(self) -> str:
+        """The app's type, for `app_type: auto`. Dify 1.x names its mode in `GET /info`; older servers do not,
+        so ask the two generation endpoints with a body that fails validation before anything runs: a key
+        of another kind of app is refused by the route check first (`not_chat_app`, `app_unavailable`).
+        The three chat kinds are the same to this client, so an old server's chat app is a "chatbot"."""
+        mode = (await self.info()).get("mode")
+        if mode in APP_TYPE_BY_MODE:
+            app_type = APP_TYPE_BY_MODE[mode]
+        elif await self._route_accepts("/chat-messages"):
+            app_type = "chatbot"
+        elif await self._route_accepts("/completion-messages"):
+            app_type = "completion"
+        else:
+            app_type = "workflow"
+        log.info("Dify app type: %s (mode %s)", app_type, mode or "not reported")
+        return app_type
+
+    async def _route_accepts(self, path: str) -> bool:
+        # no `inputs`: every Dify version refuses this after its route check (invalid_param), so nothing runs
+        try:
+            await self._json_call("POST", path, json_body={"user": "dingdifyd-probe"})
+        except DifyError as exc:
+            if exc.status == 400:
+                return exc.code not in _ROUTE_MISMATCH_CODES
+            raise
+        return True
+
+    async def info(self) -> dict[str, Any]:
+        """`GET /info`: name, description, tags; late 1.x adds `mode`."""
+        return await self._json_call("GET", "/info")
+
+    async def parameters(self) -> dict[str, Any]:
+        """`GET /parameters`: the app's input form (`user_input_form`), file upload settings, ..."""
+        return await self._json_call("GET", "/parameters")
+
+    async def version(self) -> dict[str, Any]:
+        """`GET /` (needs no key): `{"welcome", "api_version", "server_version"}`."""
+        return await self._json_call("GET", "/")
+
+    async def upload_file(self, *, data: bytes, filename: str, mime_type: str, user: str) -> dict[str, Any]:
+        """`POST /files/upload`; the returned `id` goes into a `files` entry as `upload_file_id`."""
+        form = aiohttp.FormData()
+        form.add_field("user", user)
+        form.add_field("file", data, filename=filename, content_type=mime_type)
+        return await self._json_call("POST", "/files/upload", form=form)
+
+    # --- pure request building ----------------------------------------------------------------------------
+
+    def request_for(
+        self,
+        *,
+        query: str,
+        user: str,
+        conversation_id: str | None = None,
+        inputs: dict[str, Any] | None = None,
+        files: list[dict[str, Any]] | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """The path and JSON body of the streaming request for this app type."""
+        if self.app_type == AUTO:
+            raise ValueError("the app type is not known yet: call resolve_app_type() first")
+        inputs = dict(inputs or {})
+        body: dict[str, Any]
+        if self.app_type in CHAT_APP_TYPES:
+            path = "/chat-messages"
+            body = {"inputs": inputs, "query": query, "response_mode": "streaming", "user": user}
+            if conversation_id:
+                body["conversation_id"] = conversation_id
+            # no title generation: it costs an LLM call and keeps the stream open after message_end
+            body["auto_generate_name"] = False
+        else:
+            inputs[self.input_variable] = query
+            path = "/completion-messages" if self.app_type == "completion" else "/workflows/run"
+            body = {"inputs": inputs}
+            if self.app_type == "completion":
+                body["query"] = query
+            body.update({"response_mode": "streaming", "user": user})
+        if files:
+            body["files"] = files
+        return path, body
+
+    # --- I/O ----------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: dict[str, Any] | None = None,
+        form: aiohttp.FormData | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send a request; give its response once the headers are in and the status is 2xx; close it after."""
+        headers = {"Authorization": f"Bearer {self._api_key.reveal()}"}
+        data: Any = None
+        if form is not None:
+            data = form  # aiohttp sets the multipart Content-Type with its boundary
+        elif method != "GET":
+            # always JSON with its Content-Type, even for an empty body: newer werkzeug answers 415 otherwise
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(json_body if json_body is not None else {})
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect, sock_read=None
+        )
+        async with self._io(f"{method} {path}", self.timeouts.first_byte, waiting_for="response headers"):
+            response = await self._session.request(
+                method,
+                self.base_url + path,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                raise_for_status=False,
+                allow_redirects=False,
+            )
+        try:
+            if not 200 <= response.status < 300:
+                async with self._io(f"{method} {path}", self.timeouts.first_byte, waiting_for="the error body"):
+                    body = await response.read()
+                error = error_from_response(response.status, body, response.headers.get("Content-Type", ""))
+                log.debug("%s %s: HTTP %d %s", method, path, response.status, error.code)
+                raise error
+            yield response
+        finally:
+            response.close()
+
+    @contextlib.asynccontextmanager
+    async def _io(self, what: str, seconds: float, *, waiting_for: str) -> AsyncIterator[None]:
+        """Bound one wait by `seconds` and translate every transport failure inside it."""
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise DifyUnavailable(f"{what}: connecting to Dify timed out after {self.timeouts.connect:g} s") from exc
+        except TimeoutError as exc:
+            raise DifyTimeout(f"{what}: no {waiting_for} from Dify within {seconds:g} s") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise DifyStreamCut(f"{what}: the response was cut off ({type(exc).__name__})") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise DifyUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    async def _json_call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: dict[str, Any] | None = None,
+        form: aiohttp.FormData | None = None,
+    ) -> dict[str, Any]:
+        what = f"{method} {path}"
+        async with (
+            self._request(method, path, json_body=json_body, form=form) as response,
+            self._io(what, self.timeouts.first_byte, waiting_for="response body"),
+        ):
+            body = await response.read()
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise DifyError(f"{method} {path}: Dify answered HTTP {response.status} with no JSON object")
+        return obj
+
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The body as it arrives; each read may wait at most the idle timeout."""
+        reader = response.content.iter_any().__aiter__()
+        while True:
+            async with self._io("reading the Dify stream", self.timeouts.idle, waiting_for="data"):
+                try:
+                    chunk = await reader.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield chunk
+
+    # --- event decoding -----------------------------------------------------------------------------------
+
+    def _decode(self, message: SSEMessage) -> DifyEvent | None:
+        """The typed event of one SSE message; raises for `error` events and failed workflows."""
+        try:
+            obj = json.loads(message.data)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            log.warning("skipping a Dify stream event whose data is not a JSON object (%d chars)", len(message.data))
+            log.debug("malformed event data: %r", message.data[:200])
+            return None
+        if obj.get("event") == "error":
+            status = _int_or_none(obj.get("status"))
+            code = str(obj.get("code") or "") or None
+            raise classify_error(status, code, str(obj.get("message") or "Dify reported an error in the stream"))
+        event = parse_event(obj)
+        if isinstance(event, WorkflowFinished) and event.status == "failed":
+            raise DifyError(event.error or "the workflow run failed", code="workflow_failed")
+        return event
