@@ -101,6 +101,8 @@ class DaemonConfig:
     log_level: str = "INFO"
     stop_timeout: float = 30.0  # graceful stop: how long in-flight answers may take to finish
     heartbeat_timeout: float = 30.0  # a child whose loop is silent this long is replaced
+    restart_delay_min: float = 1.0  # back-off before restarting a crashed bot process, doubling per crash
+    restart_delay_max: float = 60.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def bot(self, name: str) -> BotConfig:
@@ -133,7 +135,7 @@ INHERITED_KEYS = (
     "dingtalk_card_qps",
     "command_prefix",
 )
-DAEMON_KEYS = ("stop_timeout", "heartbeat_timeout")
+DAEMON_KEYS = ("stop_timeout", "heartbeat_timeout", "restart_delay_min", "restart_delay_max")
 # Old `.env` names with no meaning here; accepted so an old EnvironmentFile does not produce noise.
 IGNORED_TOP_KEYS = ("default_max_workers",)
 BOT_ONLY_KEYS = (
@@ -195,7 +197,11 @@ class _Loader:
         daemon = {
             "stop_timeout": self.number("stop_timeout", raw.get("stop_timeout", 30.0), minimum=0.0),
             "heartbeat_timeout": self.number("heartbeat_timeout", raw.get("heartbeat_timeout", 30.0), 1.0),
+            "restart_delay_min": self.number("restart_delay_min", raw.get("restart_delay_min", 1.0), 0.01),
+            "restart_delay_max": self.number("restart_delay_max", raw.get("restart_delay_max", 60.0), 0.01),
         }
+        if daemon["restart_delay_max"] < daemon["restart_delay_min"]:
+            self.problem("restart_delay_max", "must be >= restart_delay_min")
         bots_raw = raw.get("bots")
         bots: list[tuple[int, BotConfig]] = []
         if bots_raw is None:
@@ -428,6 +434,8 @@ def render_effective(config: DaemonConfig, reveal: Callable[[Any], Any] = masked
         "log_level": config.log_level,
         "stop_timeout": config.stop_timeout,
         "heartbeat_timeout": config.heartbeat_timeout,
+        "restart_delay_min": config.restart_delay_min,
+        "restart_delay_max": config.restart_delay_max,
         "bots": [{f.name: reveal(getattr(bot, f.name)) for f in dataclasses.fields(bot)} for bot in config.bots],
     }
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)

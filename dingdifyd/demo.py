@@ -1,0 +1,144 @@
+"""`dingdifyd demo`: the real daemon against the built-in simulators, with the cards drawn in the terminal.
+
+Starts a fake DingTalk and a fake Dify on 127.0.0.1, writes a throw-away config pointing at them, runs
+`dingdifyd run` as a real subprocess (supervisor and bot process), plays a short conversation, and prints every
+card update as the DingTalk client would show it. Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+
+import yaml
+
+from dingdifyd.bridge.session import out_track_id
+from dingdifyd.dingtalk.stream import parse_incoming
+from dingdifyd.simulator.fake_dify import start_fake_dify
+from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+
+CLIENT_ID = "dingdemo0000000000"
+CLIENT_SECRET = "demo-client-secret"
+DIFY_KEY = "app-fake-chatbot"
+
+SCRIPT = [
+    # (who, staff id, group?, text)
+    ("Zhang San", "zhangsan", False, "Hello! What can you do?"),
+    ("Zhang San", "zhangsan", False, "Nice. Do you remember what I asked first?"),
+    ("Li Si", "lisi", True, "@helpdesk Give the team a status update, please."),
+]
+
+
+class CardRenderer:
+    """Draws the card being watched as a typewriter: each update prints only what it adds."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.watching: str | None = None
+        self.shown = ""
+
+    def watch(self, track_id: str, bot_name: str) -> None:
+        self.watching, self.shown = track_id, ""
+        self.out.write(f"  {bot_name} ▸ ")
+        self.out.flush()
+
+    def on_change(self, card: FakeCard) -> None:
+        if card.out_track_id != self.watching:
+            return
+        text = card.text
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown):].replace("\n", "\n    "))
+        else:
+            self.out.write("\n    " + text.replace("\n", "\n    "))
+        self.shown = text
+        self.out.flush()
+
+
+def run_demo(speed: float = 1.0, out: TextIO = sys.stdout) -> int:
+    return asyncio.run(_demo(max(speed, 0.01), out))
+
+
+async def _demo(speed: float, out: TextIO) -> int:
+    dingtalk = FakeDingTalk(ping_interval=20.0)
+    dingtalk.register_app(CLIENT_ID, CLIENT_SECRET)
+    await dingtalk.start()
+    dify = await start_fake_dify(default_apps=True)
+    dify.configure(DIFY_KEY, token_delay=0.04 / speed, mention_turn=True)
+    workdir = Path(tempfile.mkdtemp(prefix="dingdifyd-demo-"))
+    config = _write_config(workdir, dingtalk.base_url, dify.base_url)
+    renderer = CardRenderer(out)
+    dingtalk.add_card_listener(renderer.on_change)
+    out.write(
+        "dingdifyd demo: a fake DingTalk and a fake Dify on 127.0.0.1, the real daemon in between.\n"
+        f"  config: {config}\n  daemon log: {workdir / 'daemon.log'}\n\n"
+    )
+    log_file = (workdir / "daemon.log").open("wb")
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost"}
+    env.pop("NOTIFY_SOCKET", None)
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dingdifyd", "run", "-c", str(config),
+        stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        await dingtalk.wait_connections(1, timeout=30)
+        out.write("The daemon connected to the (fake) DingTalk Stream gateway.\n\n")
+        for who, staff, group, text in SCRIPT:
+            where = "group chat “Demo team”" if group else "1:1 chat"
+            out.write(f"[{where}] {who}: {text}\n")
+            data = dingtalk.make_text_message(
+                text.removeprefix("@helpdesk ") if group else text, sender_staff_id=staff, sender_nick=who,
+                group=group, conversation_id="cidDEMOTEAM==" if group else None, conversation_title="Demo team",
+            )  # fmt: skip
+            message = parse_incoming(data)
+            assert message is not None
+            track = out_track_id(message)
+            renderer.watch(track, "helpdesk")
+            started = time.monotonic()
+            dingtalk.push_message(CLIENT_ID, data)
+            card = await dingtalk.wait_card_final(track, timeout=60)
+            mark = "✗ failed" if card.failed else "✓ done"
+            out.write(f"\n    [{mark}: {len(card.timeline)} card updates in {time.monotonic() - started:.1f}s]\n\n")
+        out.write(
+            "The second answer says “Turn 2”: the conversation continued in Dify. The group message started its own.\n"
+            "Next: write /etc/dingdifyd/NAME.yaml (see etc/example.yaml) and `systemctl start dingdifyd@NAME`.\n"
+        )
+        return 0
+    finally:
+        if daemon.returncode is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(daemon.wait(), 30)
+            except TimeoutError:
+                daemon.kill()
+                await daemon.wait()
+        log_file.close()
+        await dify.close()
+        await dingtalk.close()
+
+
+def _write_config(workdir: Path, dingtalk_url: str, dify_url: str) -> Path:
+    doc = {
+        "dify_open_api_url": dify_url,
+        "dingtalk_api_base": dingtalk_url,
+        "dingtalk_oapi_base": dingtalk_url,
+        "state_dir": str(workdir / "state"),
+        "bots": [
+            {
+                "name": "helpdesk",
+                "dingtalk_app_client_id": CLIENT_ID,
+                "dingtalk_app_client_secret": CLIENT_SECRET,
+                "dify_app_type": "chatbot",
+                "dify_app_api_key": DIFY_KEY,
+            }
+        ],
+    }
+    path = workdir / "demo.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    path.chmod(0o600)
+    return path

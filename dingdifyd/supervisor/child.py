@@ -1,0 +1,88 @@
+"""The child side of the supervisor protocol: what a forked bot process calls first, and its channel upward.
+
+Messages are small tuples on a one-way `multiprocessing` pipe: `("connected",)`, `("heartbeat", in_flight)`,
+`("disconnected",)`. Any message proves the child's event loop runs; the supervisor replaces a child silent
+for `heartbeat_timeout`, so heartbeats must come from a coroutine on the bot's loop (`heartbeat_loop`), never
+from a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from dingdifyd.supervisor import signals
+
+log = logging.getLogger(__name__)
+
+
+def child_bootstrap() -> None:
+    """Undo what fork inherited from the supervisor. Call it first in the child.
+
+    Resets signal handlers and the signal wakeup fd, and reseeds `random` (a forked child shares the parent's
+    RNG state, so siblings would draw the same jitter). The supervisor's own descriptors (its ends of every
+    child's pipe, its signal pipe) are closed by the supervisor's fork entry before the target runs: it is the
+    one that knows which they are, and closing them as Python objects avoids a later double close.
+    Idempotent.
+    """
+    signals.reset_in_child()
+    random.seed()
+
+
+def heartbeat_interval(heartbeat_timeout: float) -> float:
+    """A heartbeat period that lets several beats go missing before the supervisor gives up on the child."""
+    return max(0.05, min(2.0, heartbeat_timeout / 4))
+
+
+class ParentChannel:
+    """Messages to the supervisor. Never blocks the event loop, never raises when the supervisor is gone."""
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self._alive = True
+        # A full pipe (a supervisor that stopped reading) must drop a heartbeat, not block the loop.
+        # Each message is far below PIPE_BUF, so a non-blocking write is all or nothing.
+        with contextlib.suppress(OSError, ValueError):
+            os.set_blocking(conn.fileno(), False)
+
+    @property
+    def parent_alive(self) -> bool:
+        """False once the supervisor's end is gone (the child should then stop: nobody supervises it)."""
+        return self._alive
+
+    def connected(self) -> None:
+        self._send(("connected",))
+
+    def heartbeat(self, in_flight: int) -> None:
+        self._send(("heartbeat", int(in_flight)))
+
+    def disconnected(self) -> None:
+        self._send(("disconnected",))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.close()
+
+    def _send(self, message: tuple[object, ...]) -> None:
+        if not self._alive:
+            return
+        try:
+            self._conn.send(message)
+        except BlockingIOError:
+            log.debug("supervisor pipe full; %s dropped", message[0])
+        except (OSError, ValueError, EOFError):
+            # EPIPE: the supervisor died; ValueError/OSError: our end was closed
+            self._alive = False
+            log.debug("supervisor gone; no more messages to it")
+
+
+async def heartbeat_loop(channel: ParentChannel, interval: float, in_flight: Callable[[], int]) -> None:
+    """Send `("heartbeat", in_flight())` every `interval` seconds; returns once the supervisor is gone."""
+    while channel.parent_alive:
+        channel.heartbeat(in_flight())
+        await asyncio.sleep(interval)

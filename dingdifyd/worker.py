@@ -1,0 +1,137 @@
+"""One bot's process: its event loop, its connections and its store, opened after fork.
+
+`bot_process_main` is what the supervisor forks into; `BotRuntime` is the asyncio part, also run in-process by
+tests. Exit codes: 0 after a graceful stop, 78 when DingTalk or Dify refuse the bot's credentials (restarting
+would not help), anything else is a crash the supervisor restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+import aiohttp
+
+from dingdifyd.bridge.service import BridgeService
+from dingdifyd.config import BotConfig, DaemonConfig
+from dingdifyd.dify.client import DifyClient, DifyTimeouts
+from dingdifyd.dingtalk.api import DingTalkApi
+from dingdifyd.dingtalk.replies import DingTalkReplies
+from dingdifyd.dingtalk.stream import StreamConnection
+from dingdifyd.errors import EX_CONFIG, EX_OK, ConfigError, DifyAuthError, DingTalkAuthError
+from dingdifyd.store import open_store
+from dingdifyd.supervisor.child import ParentChannel, heartbeat_interval, heartbeat_loop
+
+log = logging.getLogger(__name__)
+
+
+class BotRuntime:
+    def __init__(self, bot: BotConfig, daemon: DaemonConfig, channel: ParentChannel | None = None):
+        self.bot = bot
+        self.daemon = daemon
+        self.channel = channel
+        self.bridge: BridgeService | None = None
+        self.connection: StreamConnection | None = None
+        self._stop = asyncio.Event()
+        self.connected = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _on_state(self, state: str) -> None:
+        if state == "connected":
+            self.connected.set()
+            if self.channel:
+                self.channel.connected()
+        elif state == "disconnected":
+            self.connected.clear()
+            if self.channel:
+                self.channel.disconnected()
+
+    async def run(self) -> int:
+        bot = self.bot
+        store = open_store(bot.store, bot.state_dir, bot.name)
+        try:
+            async with aiohttp.ClientSession() as http:
+                api = DingTalkApi(
+                    client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
+                    session=http, api_base=bot.dingtalk_api_base, oapi_base=bot.dingtalk_oapi_base,
+                    timeout=bot.dingtalk_timeout, card_qps=bot.dingtalk_card_qps,
+                )  # fmt: skip
+                dify = DifyClient(
+                    base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,
+                    session=http, input_variable=bot.dify_input_variable,
+                    timeouts=DifyTimeouts(bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout),
+                )  # fmt: skip
+                self.bridge = BridgeService(
+                    bot=bot, store=store, answers=dify, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id)
+                )
+                self.connection = StreamConnection(
+                    client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
+                    api_base=bot.dingtalk_api_base, session=http, on_message=self.bridge.submit,
+                    on_state=self._on_state,
+                )  # fmt: skip
+                return await self._serve()
+        finally:
+            store.close()
+
+    async def _serve(self) -> int:
+        assert self.bridge is not None and self.connection is not None
+        bridge = self.bridge
+        resumed = bridge.recover()
+        if resumed:
+            log.warning("resuming %d answers an earlier process did not finish", resumed)
+        stream = asyncio.create_task(self.connection.run(), name="dingtalk-stream")
+        stop = asyncio.create_task(self._stop.wait(), name="stop-request")
+        watched = {stream, stop}
+        beats = None
+        if self.channel is not None:
+            interval = heartbeat_interval(self.daemon.heartbeat_timeout)
+            beats = asyncio.create_task(heartbeat_loop(self.channel, interval, lambda: bridge.in_flight))
+            watched.add(beats)  # it returns when the supervisor is gone: an orphan stops too
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if stream.done() and not stream.cancelled() and stream.exception() is not None:
+                raise stream.exception()  # type: ignore[misc]
+            log.info("stopping: no new messages; %d answers in flight", bridge.in_flight)
+            # stop taking messages first, so that DingTalk delivers new ones to the next process
+            await self.connection.close()
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stream
+            await bridge.drain(self.daemon.stop_timeout)
+            log.info("stopped (%d answered, %d failed)", bridge.answered, bridge.failed)
+            return EX_OK
+        except (DingTalkAuthError, DifyAuthError) as exc:
+            log.error("credentials refused: %s; fix the bot's configuration (not restarting)", exc)
+            return EX_CONFIG
+        finally:
+            for task in (stream, stop, beats):
+                if task is not None:
+                    task.cancel()
+
+
+def bot_process_main(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
+    """The child process. The supervisor has already reset inherited signal state and set up logging."""
+    channel = ParentChannel(conn)
+    try:
+        code = asyncio.run(_run_with_signals(bot, daemon, channel))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config: %s", problem)
+        code = EX_CONFIG
+    sys.exit(code)
+
+
+async def _run_with_signals(bot: BotConfig, daemon: DaemonConfig, channel: ParentChannel) -> int:
+    runtime = BotRuntime(bot, daemon, channel)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, runtime.request_stop)
+    # SIGHUP is the supervisor's business; a bot process ignores it
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    return await runtime.run()

@@ -1,0 +1,65 @@
+"""Bot-process targets for the supervisor tests, chosen by the bot name's prefix (`steady-a`, `fatal-x`, ...).
+
+Each records its pid in `<state_dir>/<bot>.pids` when it starts and in `<bot>.term` when it receives SIGTERM,
+so a test can tell a restart (new pid) from a survivor (same pid) and see who was asked to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from dingdifyd.config import BotConfig, DaemonConfig
+from dingdifyd.errors import EX_CONFIG
+from dingdifyd.supervisor.child import ParentChannel, child_bootstrap, heartbeat_loop
+
+BEAT = 0.1  # heartbeat interval; the tests use heartbeat_timeout 1 s
+HANG_AFTER = 0.3
+IN_FLIGHT = 1  # each running target reports one conversation in flight
+
+
+def dispatch(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
+    child_bootstrap()
+    record(bot, "pids")
+    kind = bot.name.split("-", 1)[0]
+    channel = ParentChannel(conn)
+    if kind == "fatal":
+        sys.exit(EX_CONFIG)
+    if kind not in ("steady", "hang", "stubborn"):
+        raise ValueError(f"no test target for {bot.name}")
+    sys.exit(asyncio.run(serve(bot, channel, hang=kind == "hang", ignore_term=kind == "stubborn")))
+
+
+def record(bot: BotConfig, what: str) -> None:
+    with open(Path(bot.state_dir) / f"{bot.name}.{what}", "a", encoding="ascii") as file:
+        file.write(f"{os.getpid()}\n")
+
+
+async def serve(bot: BotConfig, channel: ParentChannel, *, hang: bool, ignore_term: bool) -> int:
+    """Connect and heartbeat until SIGTERM (or the supervisor is gone); `hang` blocks the loop after a while."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_term() -> None:
+        record(bot, "term")
+        if not ignore_term:
+            stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    beats = asyncio.create_task(heartbeat_loop(channel, BEAT, lambda: IN_FLIGHT))
+    channel.connected()
+    if hang:
+        await asyncio.sleep(HANG_AFTER)
+        while True:
+            time.sleep(1)  # blocks the event loop: heartbeats stop, and SIGTERM's handler can never run
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({beats, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    channel.disconnected()
+    beats.cancel()
+    stopping.cancel()
+    return 0
