@@ -31,7 +31,7 @@ MAX_ATTEMPTS = 3  # an answer whose process died this many times is given up, vi
 
 EMPTY_ANSWER = "(The app returned an empty answer.)"
 INTERNAL_ERROR = "Something went wrong on our side while answering. Please try again."
-INTERRUPTED = "The bot was restarted before this answer was finished. Please ask again."
+INTERRUPTED = "The bot is restarting and could not finish this answer. Please ask again in a moment."
 GAVE_UP = "This message could not be answered (the bot stopped several times while answering it)."
 NO_TEXT = "I can only read text messages for now. Please type your question."
 NEW_CONVERSATION = "Started a new conversation. What would you like to ask?"
