@@ -39,7 +39,7 @@ class TerminalCard:
 
     def _show(self, text: str) -> None:
         if text.startswith(self.shown):
-            self.out.write(text[len(self.shown):])
+            self.out.write(text[len(self.shown) :])
         else:  # replaced (moderation, or an error note after partial text)
             self.out.write("\n[replaced]\n" + text)
         self.shown = text
@@ -86,8 +86,10 @@ async def _chat(bot: config_mod.BotConfig, user: str, stdin: TextIO, out: TextIO
     state = Path(tempfile.mkdtemp(prefix="dingdifyd-chat-"))
     store = DiskStore(state)
     timeouts = DifyTimeouts(bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout)
-    out.write(f"Chatting with {bot.name} ({bot.dify_app_type} at {bot.dify_open_api_url}). "
-              f"Type {bot.command_prefix}new for a new conversation, an empty line or Ctrl-D to quit.\n\n")
+    out.write(
+        f"Chatting with {bot.name} ({bot.dify_app_type} at {bot.dify_open_api_url}). "
+        f"Type {bot.command_prefix}new for a new conversation, an empty line or Ctrl-D to quit.\n\n"
+    )
     async with aiohttp.ClientSession() as http:
         dify = DifyClient(
             base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,

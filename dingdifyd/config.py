@@ -271,7 +271,9 @@ class _Loader:
         p = f"{where}."
         values: dict[str, Any] = {
             "name": name,
-            "dingtalk_app_client_id": self.required_str(p + "dingtalk_app_client_id", raw.get("dingtalk_app_client_id")),
+            "dingtalk_app_client_id": self.required_str(
+                p + "dingtalk_app_client_id", raw.get("dingtalk_app_client_id")
+            ),
             "dingtalk_app_client_secret": self.secret(where, name, "dingtalk_app_client_secret", raw),
             "dify_app_type": self.choice(p + "dify_app_type", raw.get("dify_app_type"), APP_TYPES, required=True),
             "dify_app_api_key": self.secret(where, name, "dify_app_api_key", raw),
@@ -302,7 +304,9 @@ class _Loader:
             ("dingtalk_card_qps", 0.1),
         ):
             values[key] = self.number(at(key), merged[key], minimum)
-        values["card_update_min_chars"] = int(self.number(at("card_update_min_chars"), merged["card_update_min_chars"], 0))
+        values["card_update_min_chars"] = int(
+            self.number(at("card_update_min_chars"), merged["card_update_min_chars"], 0)
+        )
         if isinstance(values["dingtalk_app_client_secret"], Secret) and isinstance(values["dify_app_api_key"], Secret):
             return BotConfig(**values)
         return None
@@ -321,7 +325,9 @@ class _Loader:
             return None
         return str(value).strip()
 
-    def choice(self, key: str, value: Any, allowed: tuple[str, ...], required: bool = False, upper: bool = False) -> str:
+    def choice(
+        self, key: str, value: Any, allowed: tuple[str, ...], required: bool = False, upper: bool = False
+    ) -> str:
         if value is None or value == "":
             if required:
                 self.problem(key, f"missing (one of: {', '.join(allowed)})")

@@ -53,7 +53,7 @@ class CardRenderer:
             return
         text = card.text
         if text.startswith(self.shown):
-            self.out.write(text[len(self.shown):].replace("\n", "\n    "))
+            self.out.write(text[len(self.shown) :].replace("\n", "\n    "))
         else:
             self.out.write("\n    " + text.replace("\n", "\n    "))
         self.shown = text

@@ -19,8 +19,9 @@ class UpdatePolicy:
     interval: float = 0.5
     min_chars: int = 8
 
-    def delay(self, *, now: float, last_sent_at: float | None, sent_chars: int, current_chars: int,
-              changed: bool) -> float | None:
+    def delay(
+        self, *, now: float, last_sent_at: float | None, sent_chars: int, current_chars: int, changed: bool
+    ) -> float | None:
         """Seconds to wait before sending the current text; 0 = now; None = nothing worth sending."""
         if not changed or current_chars == 0:
             return None

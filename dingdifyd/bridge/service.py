@@ -106,8 +106,11 @@ class BridgeService:
                 continue
             record = dataclasses.replace(record, attempts=record.attempts + 1)
             self.store.begin_answer(record)
-            log.warning("resuming message %s left unanswered by an earlier process (attempt %d)",
-                        message.msg_id, record.attempts)
+            log.warning(
+                "resuming message %s left unanswered by an earlier process (attempt %d)",
+                message.msg_id,
+                record.attempts,
+            )
             self._spawn(message, record, resumed=True)
             resumed += 1
         return resumed
@@ -156,8 +159,14 @@ class BridgeService:
                 await asyncio.wait_for(asyncio.shield(streamer.fail(_with_note(streamer.text, INTERRUPTED))), 10)
             raise
         except PeerError as exc:
-            log.warning("message %s: %s (status=%s code=%s): %s", message.msg_id, type(exc).__name__,
-                        getattr(exc, "status", None), getattr(exc, "code", None), exc)
+            log.warning(
+                "message %s: %s (status=%s code=%s): %s",
+                message.msg_id,
+                type(exc).__name__,
+                getattr(exc, "status", None),
+                getattr(exc, "code", None),
+                exc,
+            )
             await streamer.fail(_with_note(streamer.text, exc.user_message))
         except Exception:
             log.exception("message %s: unexpected error", message.msg_id)
@@ -168,14 +177,20 @@ class BridgeService:
                 self.answered += 1
             else:
                 self.failed += 1
-            log.info("message %s %s in %.2fs (%d card updates, %d chars)", message.msg_id, outcome,
-                     self.clock() - started, streamer.updates_sent, len(streamer.text))
+            log.info(
+                "message %s %s in %.2fs (%d card updates, %d chars)",
+                message.msg_id,
+                outcome,
+                self.clock() - started,
+                streamer.updates_sent,
+                len(streamer.text),
+            )
 
     async def _respond(self, message: IncomingMessage, streamer: CardStreamer) -> str:
         text = message.text.strip()
         prefix = self.bot.command_prefix
         if text.startswith(prefix):
-            command = text[len(prefix):].split(maxsplit=1)[0].lower() if text[len(prefix):].strip() else ""
+            command = text[len(prefix) :].split(maxsplit=1)[0].lower() if text[len(prefix) :].strip() else ""
             if command == "new":
                 self.store.forget_conversation(session.session_key(self.bot.name, message, self.bot.session_scope))
                 await streamer.finish(NEW_CONVERSATION)

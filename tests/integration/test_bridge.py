@@ -154,7 +154,7 @@ async def test_a_restart_keeps_the_conversation(tmp_path, dingtalk, dify):
         await ask(dingtalk, "before restart", sender_staff_id="u9")
     async with running_bot(config):
         await ask(dingtalk, "after restart", sender_staff_id="u9")
-    first, second = dify.requests_to("/chat-messages")
+    _, second = dify.requests_to("/chat-messages")
     assert dify.conversations[second.json["conversation_id"]].queries == ["before restart", "after restart"]
 
 
@@ -178,7 +178,7 @@ async def test_new_command_starts_a_fresh_conversation(tmp_path, dingtalk, dify)
         helped = await ask(dingtalk, "/help", sender_staff_id="u4")
     assert "new conversation" in reset.final_content.lower()
     assert "/new" in helped.final_content
-    first, fresh = dify.requests_to("/chat-messages")  # neither command reached Dify
+    _, fresh = dify.requests_to("/chat-messages")  # neither command reached Dify
     assert "conversation_id" not in fresh.json
 
 

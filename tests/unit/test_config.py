@@ -54,7 +54,9 @@ def test_original_bots_yaml_and_env_are_accepted_unchanged(tmp_path):
 
 
 def test_file_values_win_over_environment_and_bots_override_top_level(tmp_path):
-    text = ORIGINAL_BOTS_YAML.replace("bots:\n", "dify_open_api_url: http://127.0.0.1:9/v1\nsession_scope: chat\nbots:\n")
+    text = ORIGINAL_BOTS_YAML.replace(
+        "bots:\n", "dify_open_api_url: http://127.0.0.1:9/v1\nsession_scope: chat\nbots:\n"
+    )
     text += "    session_scope: user\n"
     loaded = config.load(write(tmp_path, text), environ=ORIGINAL_ENV)
     assert loaded.bots[0].dify_open_api_url == "http://127.0.0.1:9/v1"
@@ -134,8 +136,9 @@ bots:
 
 
 def test_unreadable_secret_file_is_named(tmp_path):
-    text = ORIGINAL_BOTS_YAML.replace("dingtalk_app_client_secret: s3cr3t-client-value",
-                                      "dingtalk_app_client_secret_file: /nonexistent/secret")
+    text = ORIGINAL_BOTS_YAML.replace(
+        "dingtalk_app_client_secret: s3cr3t-client-value", "dingtalk_app_client_secret_file: /nonexistent/secret"
+    )
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, text), environ={})
     assert "bots[0].dingtalk_app_client_secret_file: cannot read /nonexistent/secret" in str(caught.value)
@@ -180,7 +183,9 @@ def test_check_config_masks_secrets_and_exits_0(tmp_path):
 
 
 def test_check_config_exits_78_naming_the_key(tmp_path):
-    result = _check_config(write(tmp_path, ORIGINAL_BOTS_YAML.replace("    dify_app_api_key: app-0123456789abcdefghij\n", "")))
+    result = _check_config(
+        write(tmp_path, ORIGINAL_BOTS_YAML.replace("    dify_app_api_key: app-0123456789abcdefghij\n", ""))
+    )
     assert result.returncode == 78
     assert "bots[0].dify_app_api_key: missing" in result.stderr
     assert "s3cr3t-client-value" not in result.stdout + result.stderr
