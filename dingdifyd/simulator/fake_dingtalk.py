@@ -307,6 +307,8 @@ class FakeDingTalk:
         self._closing = asyncio.Event()
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
+        # more routes served next to DingTalk's, added before start() (the simulator's /_sim/ control API)
+        self.extra_routes: list[web.AbstractRouteDef] = []
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -334,6 +336,7 @@ class FakeDingTalk:
         app.router.add_post("/robot/sendBySession", self._send_by_session)
         app.router.add_post("/media/upload", self._media_upload)
         app.router.add_get("/files/{file_id}", self._serve_file)
+        app.router.add_routes(self.extra_routes)
         # No access log: its lines would carry session= and access_token= query strings.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
