@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import yaml
-
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
+from dingdifyd.simulator.configfile import bot_entry, write_config
 from dingdifyd.simulator.fake_dify import start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
 
@@ -71,7 +70,11 @@ async def _demo(speed: float, out: TextIO) -> int:
     dify = await start_fake_dify(default_apps=True)
     dify.configure(DIFY_KEY, token_delay=0.04 / speed, mention_turn=True)
     workdir = Path(tempfile.mkdtemp(prefix="dingdifyd-demo-"))
-    config = _write_config(workdir, dingtalk.base_url, dify.base_url)
+    config = write_config(
+        workdir / "demo.yaml", dingtalk_url=dingtalk.base_url, dify_url=dify.base_url, state_dir=workdir / "state",
+        bots=[bot_entry("helpdesk", client_id=CLIENT_ID, client_secret=CLIENT_SECRET, app_type="chatbot",
+                        dify_key=DIFY_KEY)],
+    )  # fmt: skip
     renderer = CardRenderer(out)
     dingtalk.add_card_listener(renderer.on_change)
     out.write(
@@ -120,25 +123,3 @@ async def _demo(speed: float, out: TextIO) -> int:
         log_file.close()
         await dify.close()
         await dingtalk.close()
-
-
-def _write_config(workdir: Path, dingtalk_url: str, dify_url: str) -> Path:
-    doc = {
-        "dify_open_api_url": dify_url,
-        "dingtalk_api_base": dingtalk_url,
-        "dingtalk_oapi_base": dingtalk_url,
-        "state_dir": str(workdir / "state"),
-        "bots": [
-            {
-                "name": "helpdesk",
-                "dingtalk_app_client_id": CLIENT_ID,
-                "dingtalk_app_client_secret": CLIENT_SECRET,
-                "dify_app_type": "chatbot",
-                "dify_app_api_key": DIFY_KEY,
-            }
-        ],
-    }
-    path = workdir / "demo.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    path.chmod(0o600)
-    return path

@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dingdifyd import config
+from dingdifyd.simulator import configfile
 from dingdifyd.simulator.fake_dify import FakeDify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
 from dingdifyd.worker import BotRuntime
@@ -34,33 +33,27 @@ def write_config(
     **top: Any,
 ) -> Path:
     """A config file for the simulators: one chatbot bot unless `bots` says otherwise."""
-    doc: dict[str, Any] = {
-        "dify_open_api_url": fake_dify.base_url,
-        "dingtalk_api_base": fake_dingtalk.base_url,
-        "dingtalk_oapi_base": fake_dingtalk.base_url,
+    defaults: dict[str, Any] = {
         "dingtalk_ai_card_template_id": TEMPLATE,
-        "state_dir": str(path.parent / "state"),
         "card_update_interval": 0.05,
         "dify_idle_timeout": 5,
         "stop_timeout": 5,
-        **top,
     }
-    doc["bots"] = bots or [bot_entry()]
-    path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
-    path.chmod(0o600)
-    return path
+    return configfile.write_config(
+        path, dingtalk_url=fake_dingtalk.base_url, dify_url=fake_dify.base_url, state_dir=path.parent / "state",
+        bots=bots or [bot_entry()], **{**defaults, **top},
+    )  # fmt: skip
 
 
 def bot_entry(name: str = "helpdesk", app_type: str = "chatbot", **overrides: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "dingtalk_app_client_id": overrides.pop("client_id", CLIENT_ID),
-        "dingtalk_app_client_secret": overrides.pop("client_secret", CLIENT_SECRET),
-        "dify_app_type": app_type,
-        "dify_app_api_key": overrides.pop("dify_key", dify_key(app_type)),
-        "handler": "DifyAiCardBotHandler",
+    return configfile.bot_entry(
+        name,
+        client_id=overrides.pop("client_id", CLIENT_ID),
+        client_secret=overrides.pop("client_secret", CLIENT_SECRET),
+        app_type=app_type,
+        dify_key=overrides.pop("dify_key", dify_key(app_type)),
         **overrides,
-    }
+    )
 
 
 @contextlib.asynccontextmanager
