@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from multiprocessing.connection import Connection
+
+from dingdifyd.config import BotConfig, DaemonConfig
+
 
 def main(config_path: str, bot_names: list[str] | None = None) -> int:
     """`dingdifyd run`: supervise the bots in `config_path` (or those named) until stopped; the exit code."""
@@ -9,6 +13,12 @@ def main(config_path: str, bot_names: list[str] | None = None) -> int:
     from dingdifyd.supervisor.arbiter import Arbiter
 
     setup_logging("INFO")  # until the config names the level: its own errors must be logged too
+    return Arbiter(config_path, bot_names=bot_names, target=run_bot).run()
+
+
+def run_bot(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
+    """The child's target. The bot runtime (aiohttp, the SDK, diskcache) is imported here, after fork: the
+    supervisor stays small and holds nothing a child could inherit half-initialised."""
     from dingdifyd.worker import bot_process_main
 
-    return Arbiter(config_path, bot_names=bot_names, target=bot_process_main).run()
+    bot_process_main(bot, daemon, conn)
