@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, metavar="FILE")
     check.add_argument("-q", "--quiet", action="store_true", help="print only problems")
 
+    doctor = commands.add_parser("doctor", help="check each bot online: DingTalk credentials, permissions, Dify app")
+    doctor.add_argument("-c", "--config", required=True, metavar="FILE")
+    doctor.add_argument("--bot", action="append", metavar="NAME", help="check only this bot (repeatable)")
+
     chat = commands.add_parser("chat", help="chat with a bot's Dify app in the terminal, through the bridge code")
     chat.add_argument("-c", "--config", required=True, metavar="FILE")
     chat.add_argument("--bot", required=True, metavar="NAME")
@@ -49,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dingdifyd.supervisor import main as run_daemon
 
             return run_daemon(args.config, args.bot)
+        if args.command == "doctor":
+            from dingdifyd.doctor import run_doctor
+
+            return run_doctor(args.config, args.bot)
         if args.command == "chat":
             from dingdifyd.chat import run_chat
 

@@ -8,7 +8,10 @@ fixes a file in one round. Secrets are wrapped in `Secret`, whose repr never sho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import grp
+import importlib.util
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -23,8 +26,26 @@ from dingdifyd.errors import ConfigError
 
 APP_TYPES = ("chatbot", "agent", "chatflow", "workflow", "completion", "auto")
 SESSION_SCOPES = ("user", "chat")
+SHOW_REASONING = ("hide", "quote")  # a model's <think> reasoning: hidden, or a quoted section above the answer
+MARKDOWN_TABLES = ("list", "code", "keep")  # DingTalk garbles tables: rows as a list, a code block, or as written
+IMAGE_DELIVERY = ("card", "message")  # Dify's images: inside the card, or as image messages after it
+DEFAULT_IMAGE_QUERY = "Please describe this picture."
+DEFAULT_FILE_QUERY = "Please read the attached file."
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECRET_KEYS = ("dingtalk_app_client_secret", "dify_app_api_key")
+# DingTalk context a Dify app may declare as inputs, and the variable each goes to by default (`dify_inputs`).
+# `sys_user_id` is what dify-on-dingtalk passed, so apps built for it keep working.
+DIFY_CONTEXT_INPUTS = {
+    "staff_id": "sys_user_id",
+    "nick": "sys_user_nick",
+    "chat_type": "sys_chat_type",
+    "chat_title": "sys_chat_title",
+    "robot_code": "sys_robot_code",
+}
+DEFAULT_ACCESS_DENIED_REPLY = "Sorry, you are not allowed to use this bot. Please ask its admin for access."
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+DAEMON_GROUP = "dingdifyd"  # the packaged units' account (User=/Group=dingdifyd), which must read the file
 
 
 class Secret:
@@ -52,6 +73,18 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    """Messages from these DingTalk conversations go to another Dify app (own client, own contexts)."""
+
+    name: str
+    conversation_ids: tuple[str, ...]
+    dify_app_type: str
+    dify_app_api_key: Secret
+    dify_open_api_url: str
+    dify_input_variable: str | None = None
+
+
+@dataclass(frozen=True)
 class BotConfig:
     """One robot: a DingTalk app bound to a Dify app. Field names are the YAML keys."""
 
@@ -71,15 +104,33 @@ class BotConfig:
     session_scope: str = "user"
     allow_users: tuple[str, ...] | None = None
     allow_groups: tuple[str, ...] | None = None
-    dify_input_variable: str = "query"  # workflow / completion: the input that receives the user's text
+    deny_users: tuple[str, ...] = ()
+    deny_groups: tuple[str, ...] = ()
+    access_denied_reply: str = DEFAULT_ACCESS_DENIED_REPLY  # "": refuse silently
+    # workflow / completion: the input that receives the user's text; None: found via GET /parameters
+    dify_input_variable: str | None = None
+    # DingTalk context -> Dify input variable, passed only when the app declares that variable
+    dify_inputs: dict[str, str] = field(default_factory=lambda: dict(DIFY_CONTEXT_INPUTS), hash=False)
+    show_progress: bool = True  # tool calls and workflow steps shown in the card until the answer starts
+    show_suggested_questions: bool = True  # when the Dify app has "suggested questions after answer" on
+    suggested_questions_timeout: float = 2.0  # the final answer waits at most this long for them
+    routes: tuple[RouteConfig, ...] = ()
     dify_connect_timeout: float = 10.0
     dify_first_byte_timeout: float = 60.0  # until the response headers arrive
     dify_idle_timeout: float = 60.0  # between two events; Dify pings every 10 s
+    dify_total_timeout: float = 1200.0  # one whole answer; Dify's own APP_MAX_EXECUTION_TIME is 1200 s
+    max_message_chars: int = 20000  # longer messages are refused with a clear reply, not sent to Dify
     dingtalk_timeout: float = 10.0  # every DingTalk OpenAPI call
     card_update_interval: float = 0.5  # seconds between two intermediate updates of one card
     card_update_min_chars: int = 8  # fewer new characters than this wait for the next interval
     dingtalk_card_qps: float = 18.0  # card calls per second per app; DingTalk refuses above 20
+    dingtalk_api_monthly_budget: int | None = None  # DingTalk calls a month; card updates are spread to fit
     command_prefix: str = "/"
+    show_reasoning: str = "hide"
+    markdown_tables: str = "list"
+    image_delivery: str = "card"
+    default_image_query: str = DEFAULT_IMAGE_QUERY  # what is asked for a picture sent without text
+    default_file_query: str = DEFAULT_FILE_QUERY  # ... and for a file or video sent without text
     handler: str = "DifyAiCardBotHandler"  # accepted for compatibility, ignored
     max_workers: int = 2  # accepted for compatibility, ignored
 
@@ -125,15 +176,30 @@ INHERITED_KEYS = (
     "session_scope",
     "allow_users",
     "allow_groups",
+    "deny_users",
+    "deny_groups",
+    "access_denied_reply",
     "dify_input_variable",
+    "dify_inputs",
+    "show_progress",
+    "show_suggested_questions",
+    "suggested_questions_timeout",
     "dify_connect_timeout",
     "dify_first_byte_timeout",
     "dify_idle_timeout",
+    "dify_total_timeout",
+    "max_message_chars",
     "dingtalk_timeout",
     "card_update_interval",
     "card_update_min_chars",
     "dingtalk_card_qps",
+    "dingtalk_api_monthly_budget",
     "command_prefix",
+    "show_reasoning",
+    "markdown_tables",
+    "image_delivery",
+    "default_image_query",
+    "default_file_query",
 )
 DAEMON_KEYS = ("stop_timeout", "heartbeat_timeout", "restart_delay_min", "restart_delay_max")
 # Old `.env` names with no meaning here; accepted so an old EnvironmentFile does not produce noise.
@@ -148,8 +214,19 @@ BOT_ONLY_KEYS = (
     "dify_app_api_key_file",
     "handler",
     "max_workers",
+    "routes",
+)
+ROUTE_KEYS = (
+    "name",
+    "conversation_ids",
+    "dify_app_type",
+    "dify_app_api_key",
+    "dify_app_api_key_file",
+    "dify_open_api_url",
+    "dify_input_variable",
 )
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BotConfig) if f.default is not dataclasses.MISSING}
+_FIELD_DEFAULTS["dify_inputs"] = DIFY_CONTEXT_INPUTS
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> DaemonConfig:
@@ -290,8 +367,24 @@ class _Loader:
             "session_scope": self.choice(at("session_scope"), merged["session_scope"], SESSION_SCOPES),
             "allow_users": self.id_list(at("allow_users"), merged["allow_users"]),
             "allow_groups": self.id_list(at("allow_groups"), merged["allow_groups"]),
-            "dify_input_variable": self.required_str(at("dify_input_variable"), merged["dify_input_variable"]),
+            "deny_users": self.id_list(at("deny_users"), merged["deny_users"]) or (),
+            "deny_groups": self.id_list(at("deny_groups"), merged["deny_groups"]) or (),
+            "access_denied_reply": self.text(at("access_denied_reply"), merged["access_denied_reply"]),
+            "dify_input_variable": self.optional_str(merged["dify_input_variable"]),
+            "dify_inputs": self.context_inputs(at("dify_inputs"), merged["dify_inputs"]),
+            "show_progress": self.boolean(at("show_progress"), merged["show_progress"]),
+            "show_suggested_questions": self.boolean(
+                at("show_suggested_questions"), merged["show_suggested_questions"]
+            ),
+            "suggested_questions_timeout": self.number(
+                at("suggested_questions_timeout"), merged["suggested_questions_timeout"], minimum=0.0
+            ),
             "command_prefix": self.required_str(at("command_prefix"), merged["command_prefix"]),
+            "show_reasoning": self.choice(at("show_reasoning"), merged["show_reasoning"], SHOW_REASONING),
+            "markdown_tables": self.choice(at("markdown_tables"), merged["markdown_tables"], MARKDOWN_TABLES),
+            "image_delivery": self.choice(at("image_delivery"), merged["image_delivery"], IMAGE_DELIVERY),
+            "default_image_query": self.required_str(at("default_image_query"), merged["default_image_query"]),
+            "default_file_query": self.required_str(at("default_file_query"), merged["default_file_query"]),
             "handler": str(raw.get("handler", _FIELD_DEFAULTS["handler"])),
             "max_workers": raw.get("max_workers", _FIELD_DEFAULTS["max_workers"]),
         }
@@ -299,6 +392,7 @@ class _Loader:
             ("dify_connect_timeout", 0.1),
             ("dify_first_byte_timeout", 0.1),
             ("dify_idle_timeout", 0.1),
+            ("dify_total_timeout", 1.0),
             ("dingtalk_timeout", 0.1),
             ("card_update_interval", 0.0),
             ("dingtalk_card_qps", 0.1),
@@ -307,9 +401,61 @@ class _Loader:
         values["card_update_min_chars"] = int(
             self.number(at("card_update_min_chars"), merged["card_update_min_chars"], 0)
         )
+        budget = merged["dingtalk_api_monthly_budget"]  # none: no budget, only DingTalk's own quota
+        if self.optional_str(budget) is not None:
+            budget = int(self.number(at("dingtalk_api_monthly_budget"), budget, 1))
+        values["dingtalk_api_monthly_budget"] = None if self.optional_str(budget) is None else budget
+        values["max_message_chars"] = int(self.number(at("max_message_chars"), merged["max_message_chars"], 1))
+        values["routes"] = self.routes(where, name, raw.get("routes"), values["dify_open_api_url"])
         if isinstance(values["dingtalk_app_client_secret"], Secret) and isinstance(values["dify_app_api_key"], Secret):
             return BotConfig(**values)
         return None
+
+    def routes(self, where: str, bot_name: str, raw: Any, default_url: str) -> tuple[RouteConfig, ...]:
+        """`routes:`: per-conversation Dify apps. Each conversation id may be routed once."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.problem(f"{where}.routes", "must be a list of {conversation_ids, dify_app_api_key, dify_app_type}")
+            return ()
+        routes: list[RouteConfig] = []
+        routed: dict[str, str] = {}
+        for index, item in enumerate(raw):
+            at = f"{where}.routes[{index}]"
+            if not isinstance(item, dict):
+                self.problem(at, "must be a mapping (conversation_ids, dify_app_api_key, dify_app_type)")
+                continue
+            for key in item:
+                if key not in ROUTE_KEYS:
+                    self.warnings.append(f"{at}.{key}: unknown key, ignored")
+            name = str(item.get("name") or f"route{index}").strip()
+            if not name.replace("-", "").replace("_", "").isalnum():
+                self.problem(f"{at}.name", "letters, digits, '-' and '_' only (it names the route's contexts)")
+            if any(route.name == name for route in routes):
+                self.problem(f"{at}.name", f"duplicate route name {name!r}")
+            ids = self.id_list(f"{at}.conversation_ids", item.get("conversation_ids"))
+            if not ids:
+                self.problem(f"{at}.conversation_ids", "missing (a list of DingTalk conversation ids, cid...==)")
+            for conversation_id in ids or ():
+                if conversation_id in routed:
+                    self.problem(f"{at}.conversation_ids", f"{conversation_id} is already in {routed[conversation_id]}")
+                routed.setdefault(conversation_id, at)
+            app_type = self.choice(f"{at}.dify_app_type", item.get("dify_app_type"), APP_TYPES, required=True)
+            # a route's key as a systemd credential: <bot>.<route>.dify_app_api_key
+            key = self.secret(at, f"{bot_name}.{name}", "dify_app_api_key", item)
+            url = self.url(f"{at}.dify_open_api_url", item.get("dify_open_api_url") or default_url)
+            if key is not None:
+                routes.append(
+                    RouteConfig(
+                        name=name,
+                        conversation_ids=ids or (),
+                        dify_app_type=app_type,
+                        dify_app_api_key=key,
+                        dify_open_api_url=url,
+                        dify_input_variable=self.optional_str(item.get("dify_input_variable")),
+                    )
+                )
+        return tuple(routes)
 
     # --- value checks: each records a problem and returns a placeholder, so checking goes on ---
 
@@ -318,6 +464,45 @@ class _Loader:
             self.problem(key, "missing" if value in (None, "") else "must be a string")
             return ""
         return str(value).strip()
+
+    def text(self, key: str, value: Any) -> str:
+        """Free text that may be empty (e.g. a reply to switch off with "")."""
+        if value is None:
+            return ""
+        if isinstance(value, dict | list):
+            self.problem(key, "must be a string")
+            return ""
+        return str(value).strip()
+
+    def boolean(self, key: str, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text not in _FALSE:
+            self.problem(key, f"{value!r} is not true or false")
+        return False
+
+    def context_inputs(self, key: str, value: Any) -> dict[str, str]:
+        """`dify_inputs`: which Dify variable gets which piece of DingTalk context; null or "" switches one off.
+        Keys not given keep their defaults."""
+        mapping = dict(DIFY_CONTEXT_INPUTS)
+        if value is None:
+            return mapping
+        if not isinstance(value, dict):
+            self.problem(key, f"must be a mapping of {', '.join(DIFY_CONTEXT_INPUTS)} to variable names")
+            return mapping
+        for name, variable in value.items():
+            if name not in DIFY_CONTEXT_INPUTS:
+                self.problem(f"{key}.{name}", f"unknown; one of: {', '.join(DIFY_CONTEXT_INPUTS)}")
+            elif variable is None or str(variable).strip() == "":
+                mapping.pop(name, None)
+            elif isinstance(variable, dict | list):
+                self.problem(f"{key}.{name}", "must be a variable name")
+            else:
+                mapping[name] = str(variable).strip()
+        return mapping
 
     @staticmethod
     def optional_str(value: Any) -> str | None:
@@ -361,6 +546,8 @@ class _Loader:
         text = str(value or "").strip()
         if text != "disk" and not text.startswith(("redis://", "rediss://", "unix://")):
             self.problem(key, f"{value!r} must be 'disk' or a redis:// URL")
+        elif text != "disk" and importlib.util.find_spec("redis") is None:
+            self.problem(key, "a redis store needs the redis package: pip install 'dingdifyd[redis]'")
         return text
 
     def id_list(self, key: str, value: Any) -> tuple[str, ...] | None:
@@ -368,6 +555,8 @@ class _Loader:
             return None
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
+        if isinstance(value, tuple):  # a built-in default
+            value = list(value)
         if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
             self.problem(key, "must be a list of ids")
             return None
@@ -388,7 +577,11 @@ class _Loader:
         cred_dir = self.environ.get("CREDENTIALS_DIRECTORY")
         if cred_dir:
             candidate = Path(cred_dir) / f"{bot_name}.{key}"
-            if candidate.exists():
+            try:
+                present = candidate.exists()
+            except OSError:  # an unreadable credentials directory: let read_secret name the problem
+                present = True
+            if present:
                 return self.read_secret(f"{where}.{key}", candidate, "systemd credential")
         hint = f" (inline, {file_key}, or the systemd credential {bot_name}.{key})"
         self.problem(f"{where}.{key}", "missing" + hint)
@@ -408,14 +601,23 @@ class _Loader:
 
     def warn_if_readable(self, key: str) -> None:
         try:
-            mode = os.stat(self.path).st_mode
+            status = os.stat(self.path)
         except OSError:
             return
-        if mode & (stat.S_IRWXG | stat.S_IRWXO) & (stat.S_IRGRP | stat.S_IROTH):
+        # group-readable is private when the group is the daemon's own: the .deb's root:dingdifyd 0640
+        by_group = status.st_mode & stat.S_IRGRP and status.st_gid not in _daemon_gids()
+        if status.st_mode & stat.S_IROTH or by_group:
             self.warnings.append(
                 f"{key}: secret written inline in a file other users can read; chmod 600 {self.path} "
-                "or use a *_file / systemd credential"
+                f"(or 640 with group {DAEMON_GROUP}) or use a *_file / systemd credential"
             )
+
+
+def _daemon_gids() -> set[int]:
+    gids = {os.getegid()}
+    with contextlib.suppress(KeyError):
+        gids.add(grp.getgrnam(DAEMON_GROUP).gr_gid)
+    return gids
 
 
 def _from_env(text: str) -> Any:
@@ -426,11 +628,28 @@ def _from_env(text: str) -> Any:
     return text
 
 
+def redact_url(url: str) -> str:
+    """A URL without its password (`redis://:secret@host` -> `redis://:***@host`), for output and logs."""
+    try:
+        parts = urlsplit(url)
+        password, port = parts.password, parts.port
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{port}" if port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
 def masked(value: Any) -> Any:
+    if isinstance(value, str) and "@" in value and "://" in value:
+        return redact_url(value)  # a store URL with a password
     if isinstance(value, Secret):
         return f"**** ({value.source})"
     if isinstance(value, tuple):
-        return list(value)
+        return [masked(item) for item in value]
+    if isinstance(value, RouteConfig):
+        return {f.name: masked(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
 
 

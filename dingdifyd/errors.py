@@ -71,6 +71,12 @@ class DifyTimeout(DifyError):
     user_message = "The AI service took too long to answer. Please try again."
 
 
+class DifyTotalTimeout(DifyTimeout):
+    """The whole answer took longer than `dify_total_timeout`, however lively the stream was."""
+
+    user_message = "The AI app took longer than this bot allows for one answer. Please try a smaller request."
+
+
 class DifyStreamCut(DifyError):
     """The stream ended without a terminal event (proxy timeout, worker crash)."""
 

@@ -1,11 +1,15 @@
 """Durable state of one bot: Dify conversation ids, message de-duplication, answers in flight.
 
 On disk with diskcache (SQLite, safe across processes), one directory per bot, opened in the bot's own process
-after fork. Three kinds of record:
+after fork. Four kinds of record:
 - conversation: session key -> Dify conversation id, with a sliding expiry (`dify_conversation_remain_time`);
 - message claim: (robotCode, msgId) -> first seen; added atomically, so a redelivered message is recognised even
   after a restart;
-- in flight: the message being answered, so that a process that dies mid-answer is followed by one that finishes it.
+- in flight: the message being answered, so that a process that dies mid-answer is followed by one that finishes it;
+- counters: the DingTalk calls made per day and per month (dingtalk/accounting.py), kept across restarts.
+
+`store: redis://...` keeps the same records in Redis instead, shared by the daemons of several hosts
+(dingdifyd.store_redis); `open_store` picks the backend.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dingdifyd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 MESSAGE_CLAIM_TTL = 7 * 24 * 3600.0  # DingTalk redelivers within minutes; a week is generous and still bounded
 
 
@@ -37,6 +42,10 @@ class InFlight:
 
 
 class Store(Protocol):
+    # True when several processes, on several hosts, use the store at once (redis): each then holds a lease
+    # and adopts the answers of processes that are gone (dingdifyd.adoption). False: one process at a time.
+    shared: bool
+
     def claim_message(self, message_key: str) -> bool: ...
     def get_conversation(self, session_key: str) -> str | None: ...
     def set_conversation(self, session_key: str, conversation_id: str, ttl: float) -> None: ...
@@ -44,11 +53,17 @@ class Store(Protocol):
     def begin_answer(self, record: InFlight) -> None: ...
     def end_answer(self, message_key: str) -> None: ...
     def unfinished_answers(self) -> list[InFlight]: ...
+    def keep_alive(self) -> None: ...
+    def peers(self) -> list[str]: ...
+    def incr(self, key: str, amount: int = 1, expire: float | None = None) -> int: ...
+    def counter(self, key: str) -> int: ...
     def close(self) -> None: ...
 
 
 class DiskStore:
     """The `store: disk` backend. Every call is a short SQLite transaction (sub-millisecond on local disk)."""
+
+    shared = False  # one bot process per state directory: every unfinished answer is a dead process's
 
     def __init__(self, directory: str | os.PathLike[str]):
         path = Path(directory)
@@ -85,6 +100,23 @@ class DiskStore:
                 records.append(record)
         return records
 
+    def incr(self, key: str, amount: int = 1, expire: float | None = None) -> int:
+        """Add `amount` to a counter, atomically across processes; returns the new value. `expire`: seconds
+        the counter lives from its first increment (the DingTalk call counts per day and per month)."""
+        with self._main.transact():
+            self._main.add(("count", key), 0, expire=expire)  # sets the expiry once; incr keeps it
+            return int(self._main.incr(("count", key), amount))
+
+    def counter(self, key: str) -> int:
+        value = self._main.get(("count", key), 0)
+        return value if isinstance(value, int) else 0
+
+    def keep_alive(self) -> None:
+        """Nothing to renew: no other process adopts answers from a disk store."""
+
+    def peers(self) -> list[str]:
+        return []
+
     def close(self) -> None:
         self._main.close()
         self._inflight.close()
@@ -93,4 +125,11 @@ class DiskStore:
 def open_store(url: str, state_dir: str, bot_name: str) -> Store:
     if url == "disk":
         return DiskStore(Path(state_dir) / bot_name)
-    raise ConfigError([f"store: {url.split(':', 1)[0]}:// stores are not available in this version; use 'disk'"])
+    if url.startswith(REDIS_SCHEMES):
+        try:
+            from dingdifyd.store_redis import RedisStore
+        except ImportError:
+            needs = "store: a redis:// store needs the redis package: pip install 'dingdifyd[redis]'"
+            raise ConfigError([needs]) from None
+        return RedisStore(url, bot_name)
+    raise ConfigError([f"store: {url.split(':', 1)[0]}:// stores are not available; use 'disk' or redis://"])

@@ -16,63 +16,102 @@ from multiprocessing.connection import Connection
 
 import aiohttp
 
+from dingdifyd.adoption import tend_shared_store
+from dingdifyd.appsetup import key_path, start_apps
+from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.config import BotConfig, DaemonConfig
+from dingdifyd.delivery_watch import LATE_AFTER, DeliveryWatch
 from dingdifyd.dify.client import DifyClient, DifyTimeouts
+from dingdifyd.dify.guarded import GuardedAnswers
+from dingdifyd.dingtalk.accounting import ApiAccounting
 from dingdifyd.dingtalk.api import DingTalkApi
+from dingdifyd.dingtalk.files import DingTalkFiles
 from dingdifyd.dingtalk.replies import DingTalkReplies
+from dingdifyd.dingtalk.scheduler import CardScheduler
 from dingdifyd.dingtalk.stream import StreamConnection
 from dingdifyd.errors import EX_CONFIG, EX_OK, ConfigError, DifyAuthError, DingTalkAuthError
-from dingdifyd.store import open_store
+from dingdifyd.store import Store, open_store
 from dingdifyd.supervisor.child import ParentChannel, heartbeat_interval, heartbeat_loop
 
 log = logging.getLogger(__name__)
 
 
 class BotRuntime:
-    def __init__(self, bot: BotConfig, daemon: DaemonConfig, channel: ParentChannel | None = None):
+    def __init__(
+        self,
+        bot: BotConfig,
+        daemon: DaemonConfig,
+        channel: ParentChannel | None = None,
+        *,
+        late_delivery_after: float = LATE_AFTER,
+        card_backoff: dict[str, float] | None = None,
+    ):
+        """`card_backoff`: the card scheduler's hold_base / retry_base ... (tests shorten DingTalk's 1 s)."""
         self.bot = bot
         self.daemon = daemon
         self.channel = channel
         self.bridge: BridgeService | None = None
         self.connection: StreamConnection | None = None
+        self.store: Store | None = None
+        self.accounting: ApiAccounting | None = None
+        self.scheduler: CardScheduler | None = None
+        self._card_backoff = card_backoff or {}
+        self.delivery_watch = DeliveryWatch(bot.dingtalk_app_client_id, late_after=late_delivery_after)
         self._stop = asyncio.Event()
         self.connected = asyncio.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _on_message(self, message: IncomingMessage) -> None:
+        assert self.bridge is not None
+        self.delivery_watch.observe(message)
+        self.bridge.submit(message)
+
     def _on_state(self, state: str) -> None:
         if state == "connected":
+            self.delivery_watch.connected()
             self.connected.set()
             if self.channel:
                 self.channel.connected()
         elif state == "disconnected":
+            self.delivery_watch.disconnected()
             self.connected.clear()
             if self.channel:
                 self.channel.disconnected()
 
     async def run(self) -> int:
         bot = self.bot
-        store = open_store(bot.store, bot.state_dir, bot.name)
+        store = self.store = open_store(bot.store, bot.state_dir, bot.name)
         try:
             async with aiohttp.ClientSession() as http:
+                # every DingTalk call counted (per day and month, in the store); card calls share one scheduler
+                accounting = self.accounting = ApiAccounting(store, monthly_budget=bot.dingtalk_api_monthly_budget)
                 api = DingTalkApi(
                     client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
                     session=http, api_base=bot.dingtalk_api_base, oapi_base=bot.dingtalk_oapi_base,
-                    timeout=bot.dingtalk_timeout, card_qps=bot.dingtalk_card_qps,
+                    timeout=bot.dingtalk_timeout, on_call=accounting.record,
                 )  # fmt: skip
+                scheduler = self.scheduler = CardScheduler(
+                    bot.dingtalk_card_qps, pacing=accounting.pacing, **self._card_backoff
+                )
                 dify = DifyClient(
                     base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,
                     session=http, input_variable=bot.dify_input_variable,
-                    timeouts=DifyTimeouts(bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout),
+                    timeouts=DifyTimeouts(bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout,
+                                          bot.dify_total_timeout),
                 )  # fmt: skip
+                # the bot's Dify apps (its own, its routes'), checked before any message is taken: exit 78 when wrong
+                routes = await start_apps(bot, dify, http, where=key_path(self.daemon, bot), guard=GuardedAnswers)
                 self.bridge = BridgeService(
-                    bot=bot, store=store, answers=dify, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id)
+                    bot=bot, store=store, answers=GuardedAnswers(dify),
+                    replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id), routes=routes,
+                    files=DingTalkFiles(api), scheduler=scheduler,
                 )
                 self.connection = StreamConnection(
                     client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
-                    api_base=bot.dingtalk_api_base, session=http, on_message=self.bridge.submit,
+                    api_base=bot.dingtalk_api_base, session=http, on_message=self._on_message,
                     on_state=self._on_state,
                 )  # fmt: skip
                 return await self._serve()
@@ -80,18 +119,25 @@ class BotRuntime:
             store.close()
 
     async def _serve(self) -> int:
-        assert self.bridge is not None and self.connection is not None
+        assert self.bridge is not None and self.connection is not None and self.store is not None
         bridge = self.bridge
         resumed = bridge.recover()
         if resumed:
             log.warning("resuming %d answers an earlier process did not finish", resumed)
+        self.delivery_watch.started(shared_store=self.store.shared)
+        tending = None
+        if self.store.shared:
+            # renew this process's lease (also while stopping), adopt the answers of processes that are gone
+            adopt = lambda: 0 if self._stop.is_set() else bridge.recover()  # noqa: E731
+            tending = asyncio.create_task(tend_shared_store(self.store, adopt), name="shared-store")
         stream = asyncio.create_task(self.connection.run(), name="dingtalk-stream")
         stop = asyncio.create_task(self._stop.wait(), name="stop-request")
         watched = {stream, stop}
         beats = None
         if self.channel is not None:
             interval = heartbeat_interval(self.daemon.heartbeat_timeout)
-            beats = asyncio.create_task(heartbeat_loop(self.channel, interval, lambda: bridge.in_flight))
+            stats = self.accounting.stats if self.accounting is not None else None
+            beats = asyncio.create_task(heartbeat_loop(self.channel, interval, lambda: bridge.in_flight, stats))
             watched.add(beats)  # it returns when the supervisor is gone: an orphan stops too
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
@@ -110,7 +156,7 @@ class BotRuntime:
             log.error("credentials refused: %s; fix the bot's configuration (not restarting)", exc)
             return EX_CONFIG
         finally:
-            for task in (stream, stop, beats):
+            for task in (stream, stop, beats, tending):
                 if task is not None:
                     task.cancel()
 

@@ -4,7 +4,7 @@ the terminal chat (`dingdifyd chat`) and the demo's renderer."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.dify.events import DifyEvent
@@ -38,3 +38,22 @@ class AnswerSource(Protocol):
         inputs: dict[str, Any] | None = None,
         files: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[DifyEvent]: ...
+
+
+@runtime_checkable
+class DifyFiles(Protocol):
+    """The Dify app's file side: its upload settings, uploads, and the files it serves (signed URLs)."""
+
+    async def parameters(self) -> dict[str, Any]: ...
+    async def upload_file(self, *, data: bytes, filename: str, mime_type: str, user: str) -> dict[str, Any]: ...
+    async def fetch_file(self, url: str) -> tuple[bytes, str]: ...  # (bytes, content type)
+    async def resolved_app_type(self) -> str: ...
+
+
+class MessageFiles(Protocol):
+    """DingTalk's file side: what a person sent, the media store, and messages sent after the card."""
+
+    async def download(self, message: IncomingMessage, download_code: str) -> bytes: ...
+    async def upload(self, data: bytes, *, filename: str, content_type: str, kind: str) -> str: ...  # media id
+    async def send_image(self, message: IncomingMessage, photo_url: str) -> None: ...
+    async def send_file(self, message: IncomingMessage, media_id: str, filename: str) -> None: ...

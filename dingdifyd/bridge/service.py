@@ -13,15 +13,30 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
-from dingdifyd.bridge import session
+from dingdifyd.bridge import intake, session
+from dingdifyd.bridge.access import AccessPolicy
+from dingdifyd.bridge.apps import AppRouter, DifyApp
 from dingdifyd.bridge.coalesce import UpdatePolicy
+from dingdifyd.bridge.commands import ChatCommands
+from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.models import IncomingMessage
-from dingdifyd.bridge.ports import AnswerSource, ReplyChannel
+from dingdifyd.bridge.ports import AnswerSource, MessageFiles, ReplyChannel
+from dingdifyd.bridge.progress import with_suggestions
+from dingdifyd.bridge.rich import RichAnswer
+from dingdifyd.bridge.running import AnswerTurn, RunningAnswers, stopped_text
 from dingdifyd.bridge.streamer import CardStreamer
+from dingdifyd.bridge.uploads import IncomingFiles, Question
 from dingdifyd.config import BotConfig
-from dingdifyd.dify.events import MessageEnd, TextDelta, TextReplace, WorkflowFinished, text_from_outputs
+from dingdifyd.dify.events import (
+    MessageEnd,
+    MessageFile,
+    TextDelta,
+    TextReplace,
+    WorkflowFinished,
+    text_from_outputs,
+)
+from dingdifyd.dingtalk.scheduler import CardScheduler
 from dingdifyd.errors import ConversationNotFound, PeerError
 from dingdifyd.store import InFlight, Store
 
@@ -33,17 +48,6 @@ EMPTY_ANSWER = "(The app returned an empty answer.)"
 INTERNAL_ERROR = "Something went wrong on our side while answering. Please try again."
 INTERRUPTED = "The bot is restarting and could not finish this answer. Please ask again in a moment."
 GAVE_UP = "This message could not be answered (the bot stopped several times while answering it)."
-NO_TEXT = "I can only read text messages for now. Please type your question."
-NEW_CONVERSATION = "Started a new conversation. What would you like to ask?"
-
-
-def help_text(prefix: str) -> str:
-    return (
-        "**Commands**\n\n"
-        f"- `{prefix}new`: forget the context and start a new conversation\n"
-        f"- `{prefix}help`: this help\n\n"
-        "Anything else is answered by the AI app."
-    )
 
 
 class BridgeService:
@@ -55,9 +59,24 @@ class BridgeService:
         answers: AnswerSource,
         replies: ReplyChannel,
         clock: Callable[[], float] = time.monotonic,
+        routes: AppRouter | None = None,
+        files: MessageFiles | None = None,
+        scheduler: CardScheduler | None = None,
     ):
         self.bot = bot
+        # the app's card-call scheduler, shared by every answer (None: each card unpaced, as in the terminal)
+        self.scheduler = scheduler
         self.store = store
+        # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
+        self.files = files
+        self.incoming = IncomingFiles(bot=bot, dingtalk=files, clock=clock)
+        # which Dify app answers a message (`routes:`); without a router, `answers` answers everything (its
+        # settings are those of the client it guards, when it is a guard like GuardedAnswers)
+        client = getattr(answers, "client", answers)
+        self.apps = routes or AppRouter.from_config(bot, client, answers=answers)
+        self.access = AccessPolicy.from_bot(bot)
+        self.running = RunningAnswers()
+        self.commands = ChatCommands(bot.command_prefix, store, self.running)
         self.answers = answers
         self.replies = replies
         self.clock = clock
@@ -82,9 +101,17 @@ class BridgeService:
         if not self._accepting:
             log.warning("message %s arrived while stopping; not taken", message.msg_id)
             return False
+        if not intake.answerable(message):
+            log.warning("message %s has no sender or conversation to answer; ignored", message.msg_id)
+            return False
         if not self.store.claim_message(key):
             log.info("message %s is a redelivery; already answered or being answered", message.msg_id)
             return False
+        refusal = self.access.refusal(message)
+        if refusal is not None:
+            log.info("message %s from %s refused (%s)", message.msg_id, message.user_id, refusal)
+            self._refuse(message)
+            return True
         record = InFlight(key, dataclasses.asdict(message), session.out_track_id(message), attempts=1)
         self.store.begin_answer(record)
         log.info(
@@ -143,9 +170,9 @@ class BridgeService:
         card = self.replies.card(message, record.out_track_id)
 
         async def plain(text: str) -> None:
-            await self.replies.plain_reply(message, text)
+            await self.replies.plain_reply(message, for_plain_reply(text))
 
-        streamer = CardStreamer(card, self.policy, plain, self.clock)
+        streamer = CardStreamer(card, self.policy, plain, self.clock, scheduler=self.scheduler)
         outcome = "failed"
         try:
             await streamer.open(already_exists_ok=resumed)
@@ -178,84 +205,143 @@ class BridgeService:
             else:
                 self.failed += 1
             log.info(
-                "message %s %s in %.2fs (%d card updates, %d chars)",
+                "message %s %s in %.2fs (%d card calls, %d chars%s)",
                 message.msg_id,
                 outcome,
                 self.clock() - started,
-                streamer.updates_sent,
+                streamer.calls,
                 len(streamer.text),
+                ", sent as a plain reply" if streamer.delivered_by == "reply" else "",
             )
 
+    def _refuse(self, message: IncomingMessage) -> None:
+        """A refused person gets the polite reply through the sessionWebhook: no card, no API quota used."""
+        if not self.bot.access_denied_reply:
+            return
+
+        async def reply() -> None:
+            try:
+                await self.replies.plain_reply(message, self.bot.access_denied_reply)
+            except PeerError as exc:
+                log.warning("message %s: the refusal could not be sent (%s)", message.msg_id, type(exc).__name__)
+
+        task = asyncio.create_task(reply(), name=f"refuse-{message.msg_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _respond(self, message: IncomingMessage, streamer: CardStreamer) -> str:
-        text = message.text.strip()
-        prefix = self.bot.command_prefix
-        if text.startswith(prefix):
-            command = text[len(prefix) :].split(maxsplit=1)[0].lower() if text[len(prefix) :].strip() else ""
-            if command == "new":
-                self.store.forget_conversation(session.session_key(self.bot.name, message, self.bot.session_scope))
-                await streamer.finish(NEW_CONVERSATION)
-                return "answered"
-            if command == "help":
-                await streamer.finish(help_text(prefix))
-                return "answered"
-            # anything else, e.g. `/summarize`, is the Dify app's business
-        if not text:
-            await streamer.finish(NO_TEXT)
+        refusal = intake.refusal(message, max_chars=self.bot.max_message_chars)  # DingTalk errors, huge texts
+        if refusal is not None:
+            await streamer.finish(refusal)
             return "answered"
-        answer = await self._ask_dify(message, text, streamer)
-        await streamer.finish(answer or EMPTY_ANSWER)
+        text = message.text.strip()
+        app = self.apps.route_for(message)
+        key = app.session_key(message, self.bot.session_scope)
+        reply = await self.commands.handle(text, key)  # None: not a command of ours (`/summarize` goes to Dify)
+        if reply is not None:
+            await streamer.finish(reply)
+            return "answered"
+        user = session.dify_user(message, self.bot.session_scope)
+        # pictures, files and voice: what the app is asked, or why it cannot be (bridge/uploads.py)
+        question = await self.incoming.prepare(message, text, user=user, dify=app.client)
+        if question.reply is not None:
+            await streamer.finish(question.reply)
+            return "answered"
+        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        try:
+            return await self._respond_richly(message, streamer, app, key, user, question, rich)
+        finally:
+            await rich.aclose()
+
+    async def _respond_richly(
+        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, user: str,
+        question: Question, rich: RichAnswer,
+    ) -> str:
+        text = question.query
+        show = streamer.set_text if self.bot.show_progress else None
+        turn = AnswerTurn(app=app, session_key=key, user=user, show=show)
+        with self.running.track(turn):  # what /stop finds
+            answer = await self._ask_dify(message, text, streamer, turn, question=question, rich=rich)
+        final = await self._final_text(turn, await rich.final(answer)) or EMPTY_ANSWER
+        await streamer.finish(_with_notes(final, question.notes))
+        await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
         return "answered"
 
-    async def _ask_dify(self, message: IncomingMessage, text: str, streamer: CardStreamer) -> str:
-        scope = self.bot.session_scope
-        key = session.session_key(self.bot.name, message, scope)
+    async def _final_text(self, turn: AnswerTurn, answer: str) -> str:
+        """The answer as the card ends with it: marked when stopped, followed by suggested questions."""
+        if turn.stopped:
+            return stopped_text(answer)
+        if self.bot.show_suggested_questions and answer.strip():
+            timeout = self.bot.suggested_questions_timeout
+            return with_suggestions(answer, await turn.app.suggested_questions(turn.message_id, turn.user, timeout))
+        return answer
+
+    async def _ask_dify(
+        self, message: IncomingMessage, text: str, streamer: CardStreamer, turn: AnswerTurn, *,
+        question: Question | None = None, rich: RichAnswer | None = None,
+    ) -> str:
+        key = turn.session_key
         conversation_id = self.store.get_conversation(key)
+        extra = {"question": question, "rich": rich}
         try:
-            return await self._stream(message, text, key, conversation_id, streamer)
+            return await self._stream(message, text, key, conversation_id, streamer, turn, **extra)
         except ConversationNotFound:
             if conversation_id is None:
                 raise
             # expired or deleted on the Dify side: start afresh, once
             log.info("message %s: conversation expired on the Dify side; starting a new one", message.msg_id)
             self.store.forget_conversation(key)
-            return await self._stream(message, text, key, None, streamer)
+            return await self._stream(message, text, key, None, streamer, turn, **extra)
 
     async def _stream(
-        self, message: IncomingMessage, text: str, key: str, conversation_id: str | None, streamer: CardStreamer
+        self,
+        message: IncomingMessage,
+        text: str,
+        key: str,
+        conversation_id: str | None,
+        streamer: CardStreamer,
+        turn: AnswerTurn,
+        *,
+        question: Question | None = None,
+        rich: RichAnswer | None = None,
     ) -> str:
+        view = rich.view if rich is not None else str
         answer = ""
         remembered = conversation_id
         ttl = self.bot.conversation_ttl
-        stream = self.answers.stream_answer(
+        stream = turn.app.answers.stream_answer(
             query=text,
-            user=session.dify_user(message, self.bot.session_scope),
+            user=turn.user,
             conversation_id=conversation_id,
-            inputs=self._inputs(message),
+            inputs={**await turn.app.inputs_for(message), **(question.inputs if question else {})},
+            files=question.files if question and question.files else None,
         )
-        async for event in stream:
-            if event.conversation_id and event.conversation_id != remembered:
+        # the turn records the task id (/stop), shows progress until the text starts, and ends early when stopped
+        async for event in turn.events(stream):
+            if event.conversation_id and event.conversation_id != remembered and not turn.detached:
                 # remember at once: even if this answer fails later, the next message continues the conversation
                 self.store.set_conversation(key, event.conversation_id, ttl)
                 remembered = event.conversation_id
+            if rich is not None and isinstance(event, MessageFile | WorkflowFinished):
+                rich.see(event)  # images and files beside the text
             if isinstance(event, TextDelta):
                 answer += event.text
-                streamer.set_text(answer)
+                streamer.set_text(view(answer))
             elif isinstance(event, TextReplace):
                 answer = event.text
-                streamer.set_text(answer)
+                streamer.set_text(view(answer))
             elif isinstance(event, WorkflowFinished) and not answer:
                 answer = text_from_outputs(event.outputs)
             elif isinstance(event, MessageEnd):
                 break
-        if remembered:
+        if remembered and not turn.detached:
             self.store.set_conversation(key, remembered, ttl)  # sliding expiry: every turn restarts the clock
         return answer
 
-    @staticmethod
-    def _inputs(message: IncomingMessage) -> dict[str, Any]:
-        # `sys_user_id` is what dify-on-dingtalk passed; apps built for it may declare it. Dify ignores
-        # inputs an app does not declare.
-        return {"sys_user_id": message.sender_staff_id} if message.sender_staff_id else {}
+
+def _with_notes(answer: str, notes: list[str]) -> str:
+    """The answer, then what could not be passed on (files the app did not accept)."""
+    return "\n\n".join([answer, *(f"⚠️ {note}" for note in notes)]) if notes else answer
 
 
 def _with_note(partial: str, note: str) -> str:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -30,6 +31,7 @@ from dingdifyd.errors import (
     DifyRateLimited,
     DifyStreamCut,
     DifyTimeout,
+    DifyTotalTimeout,
     DifyUnavailable,
 )
 
@@ -55,6 +57,8 @@ class DifyTimeouts:
     connect: float = 10.0  # TCP connect
     first_byte: float = 60.0  # until the response headers arrive (and, for plain JSON calls, the whole body)
     idle: float = 60.0  # the longest gap between two reads of the stream; Dify's pings count
+    # the whole answer, however lively: Dify's own APP_MAX_EXECUTION_TIME defaults to 1200 s
+    total: float = 1200.0
 
 
 def classify_error(status: int | None, code: str | None, message: str) -> DifyError:
@@ -104,13 +108,13 @@ class DifyClient:
         app_type: str,
         session: aiohttp.ClientSession,
         timeouts: DifyTimeouts = DifyTimeouts(),
-        input_variable: str = "query",
+        input_variable: str | None = "query",
     ):
         if app_type not in (*APP_TYPES, AUTO):
             raise ValueError(f"app_type must be one of {', '.join((*APP_TYPES, AUTO))}, not {app_type!r}")
         self.base_url = base_url.rstrip("/")
         self.app_type = app_type
-        self.input_variable = input_variable
+        self.input_variable = input_variable or "query"  # the bridge may set the app's own (GET /parameters)
         self.timeouts = timeouts
         self._api_key = api_key
         self._session = session
@@ -141,7 +145,8 @@ class DifyClient:
         )
         terminal = "workflow_finished" if self.app_type == "workflow" else "message_end"
         log.debug("POST %s (user %s, conversation %s)", path, user, conversation_id or "new")
-        async with self._request("POST", path, json_body=body) as response:
+        deadline = asyncio.get_running_loop().time() + self.timeouts.total
+        async with self._request("POST", path, json_body=body, deadline=deadline) as response:
             content_type = response.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
                 raise DifyError(
@@ -149,7 +154,7 @@ class DifyClient:
                     status=response.status,
                 )
             async with (
-                contextlib.aclosing(self._chunks(response)) as chunks,
+                contextlib.aclosing(self._chunks(response, deadline)) as chunks,
                 contextlib.aclosing(iter_sse(chunks)) as messages,
             ):
                 async for message in messages:
@@ -176,6 +181,10 @@ class DifyClient:
         else:
             path = f"/chat-messages/{task_id}/stop"
         await self._json_call("POST", path, json_body={"user": user})
+
+    async def workflow_run(self, run_id: str) -> dict[str, Any]:
+        """`GET /workflows/run/:id`: the run's `status` and `outputs` (a JSON string in 0.x, an object in 1.x)."""
+        return await self._json_call("GET", f"/workflows/run/{run_id}")
 
     async def resolve_app_type(self) -> str:
         """The app's type, for `app_type: auto`. Dify 1.x names its mode in `GET /info`; older servers do not,
@@ -212,16 +221,51 @@ class DifyClient:
         """`GET /parameters`: the app's input form (`user_input_form`), file upload settings, ..."""
         return await self._json_call("GET", "/parameters")
 
+    async def suggested_questions(self, message_id: str, user: str) -> list[str]:
+        """`GET /messages/:id/suggested`: follow-up questions for an answer (400 when the app has them off)."""
+        path = f"/messages/{quote(message_id, safe='')}/suggested?user={quote(user, safe='')}"
+        data = (await self._json_call("GET", path)).get("data")
+        return [str(item) for item in data if isinstance(item, str) and item.strip()] if isinstance(data, list) else []
+
     async def version(self) -> dict[str, Any]:
         """`GET /` (needs no key): `{"welcome", "api_version", "server_version"}`."""
         return await self._json_call("GET", "/")
 
     async def upload_file(self, *, data: bytes, filename: str, mime_type: str, user: str) -> dict[str, Any]:
         """`POST /files/upload`; the returned `id` goes into a `files` entry as `upload_file_id`."""
-        form = aiohttp.FormData()
+        # unquoted: Dify (werkzeug) reads a UTF-8 filename as is, and would keep a %-encoded one encoded
+        form = aiohttp.FormData(quote_fields=False)
         form.add_field("user", user)
-        form.add_field("file", data, filename=filename, content_type=mime_type)
+        form.add_field("file", data, filename=filename.replace('"', "'"), content_type=mime_type)
         return await self._json_call("POST", "/files/upload", form=form)
+
+    async def resolved_app_type(self) -> str:
+        """The app's type, asking Dify once when configured as `auto`."""
+        if self.app_type == AUTO:
+            self.app_type = await self.resolve_app_type()
+        return self.app_type
+
+    async def fetch_file(self, url: str, *, max_bytes: int = 20 * 1024 * 1024) -> tuple[bytes, str]:
+        """A file Dify serves at an absolute URL (a signed `/files/...` link): its bytes and content type.
+
+        No API key is sent: the signature is the credential, and the URL may name another host (FILES_URL)."""
+        what = "GET a Dify file"
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect, sock_read=None
+        )
+        data = bytearray()
+        async with (
+            self._io(what, self.timeouts.first_byte, waiting_for="file"),
+            self._session.get(url, timeout=timeout, raise_for_status=False) as response,
+        ):
+            if response.status != 200:
+                raise DifyError(f"{what}: HTTP {response.status}", status=response.status)
+            content_type = response.headers.get("Content-Type", "")
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise DifyError(f"{what}: larger than {max_bytes} bytes", code="file_too_large")
+        return bytes(data), content_type
 
     # --- pure request building ----------------------------------------------------------------------------
 
@@ -267,6 +311,7 @@ class DifyClient:
         *,
         json_body: dict[str, Any] | None = None,
         form: aiohttp.FormData | None = None,
+        deadline: float | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request; give its response once the headers are in and the status is 2xx; close it after."""
         headers = {"Authorization": f"Bearer {self._api_key.reveal()}"}
@@ -280,7 +325,9 @@ class DifyClient:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect, sock_read=None
         )
-        async with self._io(f"{method} {path}", self.timeouts.first_byte, waiting_for="response headers"):
+        async with self._io(
+            f"{method} {path}", self.timeouts.first_byte, waiting_for="response headers", deadline=deadline
+        ):
             response = await self._session.request(
                 method,
                 self.base_url + path,
@@ -302,14 +349,23 @@ class DifyClient:
             response.close()
 
     @contextlib.asynccontextmanager
-    async def _io(self, what: str, seconds: float, *, waiting_for: str) -> AsyncIterator[None]:
-        """Bound one wait by `seconds` and translate every transport failure inside it."""
+    async def _io(
+        self, what: str, seconds: float, *, waiting_for: str, deadline: float | None = None
+    ) -> AsyncIterator[None]:
+        """Bound one wait by `seconds`, and by `deadline` (loop time) when the whole answer has one, and
+        translate every transport failure inside it."""
+        remaining = seconds if deadline is None else deadline - asyncio.get_running_loop().time()
+        total_bound = remaining < seconds
         try:
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout(max(min(seconds, remaining), 0.0)):
                 yield
         except aiohttp.ConnectionTimeoutError as exc:
             raise DifyUnavailable(f"{what}: connecting to Dify timed out after {self.timeouts.connect:g} s") from exc
         except TimeoutError as exc:
+            if total_bound:
+                raise DifyTotalTimeout(
+                    f"{what}: the answer took longer than {self.timeouts.total:g} s in total"
+                ) from exc
             raise DifyTimeout(f"{what}: no {waiting_for} from Dify within {seconds:g} s") from exc
         except aiohttp.ClientPayloadError as exc:
             raise DifyStreamCut(f"{what}: the response was cut off ({type(exc).__name__})") from exc
@@ -338,11 +394,13 @@ class DifyClient:
             raise DifyError(f"{method} {path}: Dify answered HTTP {response.status} with no JSON object")
         return obj
 
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """The body as it arrives; each read may wait at most the idle timeout."""
+    async def _chunks(
+        self, response: aiohttp.ClientResponse, deadline: float | None = None
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives; each read may wait at most the idle timeout (and never past `deadline`)."""
         reader = response.content.iter_any().__aiter__()
         while True:
-            async with self._io("reading the Dify stream", self.timeouts.idle, waiting_for="data"):
+            async with self._io("reading the Dify stream", self.timeouts.idle, waiting_for="data", deadline=deadline):
                 try:
                     chunk = await reader.__anext__()
                 except StopAsyncIteration:

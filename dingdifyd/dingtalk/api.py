@@ -1,10 +1,11 @@
 """DingTalk OpenAPI client: access token, AI cards, session-webhook replies, message files and media.
 
 Every HTTP exchange goes through `_send`, which turns transport failures into the project's errors, and every
-OpenAPI call through `_request`, which adds the token, paces card calls under the app's QPS limit and
-retries what DingTalk says is worth retrying (QPS refusals, 429, 5xx, one 401 with a fresh token). Nothing
-here logs or raises text containing the client secret, a token or a session-webhook URL (its `session=` is
-a credential).
+OpenAPI call through `_request`, which adds the token, reports the call to `on_call` (the accounting of the
+monthly quota) and retries what DingTalk says is worth retrying (QPS refusals, 429, 5xx, one 401 with a fresh
+token). Card calls are paced by the caller: the app's card-call scheduler (dingtalk/scheduler.py) gives them
+turns and passes `attempts=1` so that it does the retrying itself, with the newest text. Nothing here logs or
+raises text containing the client secret, a token or a session-webhook URL (its `session=` is a credential).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import aiohttp
 
 from dingdifyd.bridge.models import GROUP_CHAT
 from dingdifyd.config import Secret
-from dingdifyd.dingtalk.ratelimit import ExponentialBackoff, TokenBucket
+from dingdifyd.dingtalk.ratelimit import ExponentialBackoff
 from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
 
 log = logging.getLogger(__name__)
 
 TOKEN_HEADER = "x-acs-dingtalk-access-token"
 QPS_LIMIT_CODE_PREFIX = "Forbidden.AccessDenied.QpsLimit"
+PERMISSION_DENIED_CODE = "Forbidden.AccessDenied.AccessTokenPermissionDenied"
 CARD_ALREADY_EXISTS = "param.cardAlreadyExist"
 # Refresh this long before DingTalk's expiry, like the SDK, so a token never dies in flight.
 TOKEN_REFRESH_MARGIN = 300.0
@@ -58,6 +60,21 @@ def _is_retryable(status: int, code: str) -> bool:
     return status == 429 or status >= 500 or (status == 403 and code.startswith(QPS_LIMIT_CODE_PREFIX))
 
 
+class DingTalkPermissionDenied(DingTalkError):
+    """403 AccessTokenPermissionDenied: the app lacks a permission (scope) the call needs."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 required_scopes: tuple[str, ...] = ()):
+        super().__init__(message, status=status, code=code)
+        self.required_scopes = required_scopes
+
+
+def _required_scopes(payload: Mapping[str, Any]) -> tuple[str, ...]:
+    detail = payload.get("accessdenieddetail")
+    scopes = detail.get("requiredScopes") if isinstance(detail, dict) else None
+    return tuple(str(s) for s in scopes) if isinstance(scopes, list) else ()
+
+
 def _error_for(api: str, status: int, payload: Mapping[str, Any]) -> DingTalkError:
     code = _error_code(payload)
     message = str(payload.get("message") or payload.get("errmsg") or "")[:200]
@@ -66,6 +83,11 @@ def _error_for(api: str, status: int, payload: Mapping[str, Any]) -> DingTalkErr
         text += f" {code}"
     if message:
         text += f": {message}"
+    if code == PERMISSION_DENIED_CODE:
+        scopes = _required_scopes(payload)
+        if scopes:
+            text += f" (required: {', '.join(scopes)})"
+        return DingTalkPermissionDenied(text, status=status, code=code, required_scopes=scopes)
     if status == 429 or (status == 403 and code.startswith(QPS_LIMIT_CODE_PREFIX)):
         return DingTalkRateLimited(text, status=status, code=code or None)
     if status >= 500:
@@ -92,7 +114,7 @@ class DingTalkApi:
         api_base: str = "https://api.dingtalk.com",
         oapi_base: str = "https://oapi.dingtalk.com",
         timeout: float = 10.0,
-        card_qps: float = 18.0,
+        on_call: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         retry_base_delay: float = 1.0,
         retry_max_delay: float = 10.0,
@@ -107,7 +129,7 @@ class DingTalkApi:
         self._timeout = timeout
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self._clock = clock
-        self._card_bucket = TokenBucket(card_qps, burst=1.0, clock=clock)
+        self._on_call = on_call
         self._retry_base_delay = retry_base_delay
         self._retry_max_delay = retry_max_delay
         self._max_attempts = max(1, max_attempts)
@@ -202,22 +224,24 @@ class DingTalkApi:
         api: str,
         body: Any = None,
         with_token: bool = True,
-        paced: bool = False,
+        attempts: int | None = None,
         ok_on_retry: frozenset[str] = frozenset(),
     ) -> JsonDict:
-        """One logical call, with its retries. `ok_on_retry`: error codes that mean an earlier attempt of this
-        same call did succeed (e.g. the card exists because the first, 5xx-answered try created it)."""
+        """One logical call, with up to `attempts` tries (default: the client's). `ok_on_retry`: error codes
+        that mean an earlier attempt of this same call did succeed (e.g. the card exists because the first,
+        5xx-answered try created it)."""
         backoff = ExponentialBackoff(base=self._retry_base_delay, cap=self._retry_max_delay, rng=self._rng)
+        max_attempts = max(1, attempts) if attempts is not None else self._max_attempts
         token_renewed = False
         while True:
-            if paced:
-                await self._pace()
             headers = {"Accept": "application/json"}
             token = ""
             if with_token:
                 token = await self.access_token()
                 headers[TOKEN_HEADER] = token
             status, raw = await self._send(method, url, api=api, body=body, headers=headers)
+            if with_token:
+                self._count(api)
             payload = _parse_json(raw)
             if 200 <= status < 300:
                 return payload
@@ -229,7 +253,7 @@ class DingTalkApi:
                 continue
             if backoff.attempt > 0 and code in ok_on_retry:
                 return payload
-            if _is_retryable(status, code) and backoff.attempt + 1 < self._max_attempts:
+            if _is_retryable(status, code) and backoff.attempt + 1 < max_attempts:
                 delay = backoff.next_delay()
                 log.warning("DingTalk %s: HTTP %s %s, retry %d in %.2fs",
                             api, status, code, backoff.attempt, delay)
@@ -237,10 +261,13 @@ class DingTalkApi:
                 continue
             raise _error_for(api, status, payload)
 
-    async def _pace(self) -> None:
-        delay = self._card_bucket.reserve()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    def _count(self, api: str) -> None:
+        """Every OpenAPI call that reached DingTalk counts against the org's monthly quota (token calls do not)."""
+        if self._on_call is not None:
+            try:
+                self._on_call(api)
+            except Exception:  # the accounting must never break a call
+                log.exception("counting a DingTalk call failed")
 
     # --- cards ----------------------------------------------------------------------------------------
 
@@ -254,6 +281,7 @@ class DingTalkApi:
         conversation_id: str,
         sender_staff_id: str,
         robot_code: str,
+        attempts: int | None = None,
     ) -> None:
         body: JsonDict = {
             "cardTemplateId": template_id,
@@ -271,7 +299,7 @@ class DingTalkApi:
             body["imRobotOpenDeliverModel"] = {"spaceType": "IM_ROBOT"}
         payload = await self._request(
             "POST", f"{self._api_base}/v1.0/card/instances/createAndDeliver", api="card.createAndDeliver",
-            body=body, paced=True, ok_on_retry=frozenset({CARD_ALREADY_EXISTS}),
+            body=body, attempts=attempts, ok_on_retry=frozenset({CARD_ALREADY_EXISTS}),
         )
         result = payload.get("result")
         deliveries = result.get("deliverResults") if isinstance(result, dict) else None
@@ -284,7 +312,14 @@ class DingTalkApi:
                 )
 
     async def stream_card(
-        self, *, out_track_id: str, key: str, content: str, finalize: bool = False, error: bool = False
+        self,
+        *,
+        out_track_id: str,
+        key: str,
+        content: str,
+        finalize: bool = False,
+        error: bool = False,
+        attempts: int | None = None,
     ) -> None:
         """Replace the streamed variable `key` with the full `content` (isFull: markdown keys need it)."""
         body = {
@@ -297,9 +332,11 @@ class DingTalkApi:
             "isError": error,
         }
         await self._request("PUT", f"{self._api_base}/v1.0/card/streaming", api="card.streaming", body=body,
-                            paced=True)
+                            attempts=attempts)
 
-    async def update_card_data(self, *, out_track_id: str, card_data: dict[str, str]) -> None:
+    async def update_card_data(
+        self, *, out_track_id: str, card_data: dict[str, str], attempts: int | None = None
+    ) -> None:
         """Set the given card variables and keep the others (without updateCardDataByKey: map replaced)."""
         body = {
             "outTrackId": out_track_id,
@@ -307,7 +344,7 @@ class DingTalkApi:
             "cardUpdateOptions": {"updateCardDataByKey": True},
         }
         await self._request("PUT", f"{self._api_base}/v1.0/card/instances", api="card.update", body=body,
-                            paced=True)
+                            attempts=attempts)
 
     # --- plain replies --------------------------------------------------------------------------------
 
@@ -327,6 +364,22 @@ class DingTalkApi:
                 f"DingTalk webhook.reply refused: errcode {errcode}: {str(payload.get('errmsg', ''))[:200]}",
                 status=200, code=str(errcode),
             )
+
+    async def send_robot_markdown(
+        self,
+        *,
+        robot_code: str,
+        conversation_type: str,
+        conversation_id: str,
+        staff_id: str,
+        title: str,
+        markdown: str,
+    ) -> None:
+        """Markdown through the robot send API: what is left when a message's sessionWebhook has expired."""
+        await self.send_robot_message(
+            robot_code=robot_code, conversation_type=conversation_type, conversation_id=conversation_id,
+            staff_id=staff_id, msg_key="sampleMarkdown", msg_param={"title": title, "text": markdown},
+        )  # fmt: skip
 
     # --- files ----------------------------------------------------------------------------------------
 
@@ -357,6 +410,7 @@ class DingTalkApi:
                 "POST", f"{self._oapi_base}/media/upload", api="media.upload", form=form,
                 params={"access_token": token, "type": media_type},
             )
+            self._count("media.upload")
             payload = _parse_json(raw)
             errcode = payload.get("errcode", 0)
             if (status == 401 or errcode in _OAPI_TOKEN_ERRCODES) and not renewed:
@@ -375,3 +429,35 @@ class DingTalkApi:
                 raise DingTalkError("DingTalk media.upload answered without a media_id")
             return media_id
         raise DingTalkError("DingTalk media.upload: the access token was refused twice", status=401)
+
+    # --- robot messages (files and images after a card) -----------------------------------------------
+
+    async def send_robot_message(
+        self,
+        *,
+        robot_code: str,
+        conversation_type: str,
+        conversation_id: str,
+        staff_id: str,
+        msg_key: str,
+        msg_param: Mapping[str, Any],
+    ) -> None:
+        """Any robot message template (`sampleImageMsg`, `sampleFile`, ...) to the chat a message came from:
+        a group by its openConversationId, a 1:1 chat by the person's staff id (protocols.md B.4)."""
+        param = json.dumps(dict(msg_param), ensure_ascii=False)
+        if conversation_type == GROUP_CHAT:
+            body: JsonDict = {"robotCode": robot_code, "openConversationId": conversation_id,
+                              "msgKey": msg_key, "msgParam": param}
+            await self._request("POST", f"{self._api_base}/v1.0/robot/groupMessages/send",
+                                api="robot.groupMessages.send", body=body)
+            return
+        if not staff_id:
+            raise DingTalkError("DingTalk robot.oToMessages.batchSend: the person has no staff id to send to")
+        body = {"robotCode": robot_code, "userIds": [staff_id], "msgKey": msg_key, "msgParam": param}
+        payload = await self._request("POST", f"{self._api_base}/v1.0/robot/oToMessages/batchSend",
+                                      api="robot.oToMessages.batchSend", body=body)
+        for field in ("invalidStaffIdList", "flowControlledStaffIdList", "filteredStaffIdList"):
+            refused = payload.get(field)
+            if isinstance(refused, list) and staff_id in refused:
+                raise DingTalkError(f"DingTalk robot.oToMessages.batchSend: not sent ({field})", status=200,
+                                    code=field)

@@ -50,6 +50,11 @@ class TokenBucket:
             return True
         return False
 
+    def wait_time(self) -> float:
+        """Seconds until a slot is available (0.0: one is available now), without taking it."""
+        self._refill()
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
 
 class ExponentialBackoff:
     """Delays `base * factor**n`, capped at `cap`, each scaled by a random factor in [1 - jitter, 1 + jitter]

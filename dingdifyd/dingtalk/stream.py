@@ -50,6 +50,10 @@ class _SdkLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
+        if isinstance(args, Mapping) and args:
+            # logging unpacks a lone mapping argument (`log.warning("... %s", frame)`) into record.args itself
+            record.args = (_frame_summary(args),)
+            return True
         if not isinstance(args, tuple) or not args:
             return True
         if str(record.msg).startswith("unknown message topic") and args[0] == "ping":
@@ -78,10 +82,20 @@ _websocket_log.setLevel(logging.INFO)
 
 def _as_str(value: Any) -> str:
     if isinstance(value, str):
-        return value
+        return _valid_unicode(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     return ""
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may carry lone surrogates (`"\\ud800"`), which no UTF-8 encoder accepts further on (card, Dify,
+    store keys): each becomes U+FFFD here, once, instead of an error later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
 
 
 def _as_int(value: Any) -> int:
@@ -257,6 +271,10 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
                 task.cancel()
                 await asyncio.wait({task})
         await self._cancel_frame_tasks()
+
+    async def check_gateway(self) -> None:
+        """Ask the gateway for a connection ticket and use none of it (`dingdifyd doctor`). Raises like `run`."""
+        await self._open_ticket()
 
     # --- SDK overrides --------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import dataclasses
 import email.utils
 import json
 import logging
+import mimetypes
 import secrets
 import time
 import uuid
@@ -99,6 +100,7 @@ class Behaviour:
     agent_tool: str | None = None  # agent apps: call this tool before answering
     max_active_streams: int | None = None  # 429 too_many_requests when this many streams are already running
     hold_open_after_end: float = 0.0  # keep the socket open this long after the terminal event (title generation)
+    first_token_delay: float = 0.0  # the model's latency: silence before the first text event (after tools, nodes)
 
 
 @dataclass
@@ -318,8 +320,11 @@ class FakeDify:
         self.conversations: dict[str, Conversation] = {}
         self.workflow_runs: dict[str, WorkflowRun] = {}
         self.tool_files: dict[str, bytes] = {}
+        self.output_files: dict[str, dict[str, Any]] = {}  # api key -> file outputs of its workflow runs
+        self.first_text_at: dict[str, float] = {}  # user -> when the first answer text of theirs was written
         self._next: dict[str, deque[dict[str, Any]]] = {}
         self._running: dict[str, _Run] = {}
+        self._suggested: dict[str, tuple[list[str], float]] = {}  # api key -> (questions, delay)
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -437,6 +442,7 @@ class FakeDify:
             web.post("/v1/files/upload", self._upload),
             web.get("/files/tools/{name}", self._tool_file),
             web.get("/files/{file_id}/file-preview", self._file_preview),
+            web.get("/v1/messages/{message_id}/suggested", self._suggested_questions),
         ]
         app.add_routes(routes)
         return app
@@ -564,7 +570,7 @@ class FakeDify:
             {
                 "opening_statement": app.opening_statement,
                 "suggested_questions": [],
-                "suggested_questions_after_answer": {"enabled": False},
+                "suggested_questions_after_answer": {"enabled": app.api_key in self._suggested},
                 "speech_to_text": {"enabled": False},
                 "text_to_speech": {"enabled": False, "voice": "", "language": ""},
                 "retriever_resource": {"enabled": False},
@@ -647,7 +653,8 @@ class FakeDify:
             raise web.HTTPNotFound()
         if not request.query.get("sign"):
             raise DifyHTTPError(403, "forbidden", "Invalid request.")
-        return web.Response(body=data, content_type="image/png")
+        content_type = mimetypes.guess_type(request.match_info["name"])[0] or "application/octet-stream"
+        return web.Response(body=data, content_type=content_type)
 
     async def _file_preview(self, request: web.Request) -> web.Response:
         uploaded = self.uploads.get(request.match_info["file_id"])
@@ -985,7 +992,7 @@ class FakeDify:
         wf.elapsed_time = run.elapsed()
 
     def _workflow_outputs(self, run: _Run) -> dict[str, Any]:
-        return {"answer": run.sent, "echo_query": run.query}
+        return {"answer": run.sent, "echo_query": run.query, **self.output_files.get(run.app.api_key, {})}
 
     # --- streaming ----------------------------------------------------------------------------------------
 
@@ -1049,7 +1056,12 @@ class FakeDify:
                 return _Outcome.CUT
             if run.stop.is_set():
                 return _Outcome.STOPPED
+            latency = run.behaviour.first_token_delay if index == 0 else 0.0
+            if latency and await self._pause(run, latency):
+                return _Outcome.CUT if self._closing.is_set() else _Outcome.STOPPED
             await writer.send(make_event(token))
+            if index == 0:
+                self.first_text_at.setdefault(run.user, time.monotonic())  # for the latency benchmark
             run.sent += token
             run.tokens_sent += 1
             if index < len(tokens) - 1 and await self._pause(run, run.token_delay):
@@ -1350,6 +1362,52 @@ class FakeDify:
     def _text_chunk(self, run: _Run, token: str) -> dict[str, Any]:
         data = {"text": token, "from_variable_selector": ["llm", "text"]}
         return self._chunk(run, "text_chunk", task_id=run.task_id, data=data)
+
+    # --- suggested questions after an answer ----------------------------------------------------------------
+
+    def enable_suggested_questions(self, api_key: str, questions: list[str], *, delay: float = 0.0) -> None:
+        """Switch the app's "suggested questions after answer" on: /parameters says so, and
+        `GET /messages/:id/suggested` answers `questions` after `delay` seconds."""
+        self._suggested[api_key] = (list(questions), delay)
+
+    async def _suggested_questions(self, request: web.Request) -> web.Response:
+        app = self._app_of(request)
+        self._record(request, app, None)
+        app = self._authenticate(request)
+        if not request.query.get("user"):
+            raise DifyHTTPError(400, "invalid_param", "Arg user must be provided.")
+        if app.mode not in CHAT_MODES:
+            raise DifyHTTPError(400, "not_chat_app", _ROUTE_MISMATCH)
+        if app.api_key not in self._suggested:
+            # 0.15.x reports a switched-off feature like this (1.x: "Suggested Questions Is Disabled.")
+            raise DifyHTTPError(400, "bad_request", "Message Not Exists.")
+        questions, delay = self._suggested[app.api_key]
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+        return _json_body({"result": "success", "data": questions})
+
+    # --- files apps make (tools, workflow outputs) ----------------------------------------------------------
+
+    def add_tool_file(self, data: bytes, *, extension: str = "png") -> str:
+        """Serve `data` as a file a tool made; returns its relative, signed URL, as Dify gives such URLs."""
+        name = f"{uuid.uuid4()}.{extension}"
+        self.tool_files[name] = data
+        signature = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        return f"/files/tools/{name}?timestamp={int(time.time())}&nonce={secrets.token_hex(16)}&sign={signature}"
+
+    def add_workflow_output_file(
+        self, api_key: str, variable: str, data: bytes, *, filename: str, mime_type: str, file_type: str = "document"
+    ) -> None:
+        """Make the workflow app's runs output a file in `variable`, shaped like Dify 0.15's file objects."""
+        extension = filename.rpartition(".")[2].lower() if "." in filename else "bin"
+        url = self.add_tool_file(data, extension=extension)
+        self.output_files.setdefault(api_key, {})[variable] = {
+            "dify_model_identity": "__dify__file__", "id": None,
+            "tenant_id": str(uuid.uuid5(_ID_NAMESPACE, "tenant")), "type": file_type,
+            "transfer_method": "tool_file", "remote_url": None, "related_id": str(uuid.uuid4()),
+            "filename": filename, "extension": f".{extension}", "mime_type": mime_type, "size": len(data), "url": url,
+        }  # fmt: skip
 
 
 _ROUTE_MISMATCH = "Please check if your app mode matches the right API route."

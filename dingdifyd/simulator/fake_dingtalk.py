@@ -88,6 +88,7 @@ class FakeApp:
     client_secret: str
     robot_code: str
     app_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    denied_scopes: set[str] = field(default_factory=set)  # permissions the app was not granted
 
 
 @dataclass
@@ -100,6 +101,7 @@ class StreamUpdate:
     is_finalize: bool
     is_error: bool
     guid: str
+    at: float = field(default_factory=time.monotonic)  # when it arrived, for the latency benchmark
 
 
 @dataclass
@@ -847,6 +849,9 @@ class FakeDingTalk:
             fault = self._take_fault(api)
             if fault is not None:
                 return await self._fault_response(fault)
+            denied = self._permission_denied(app, api)
+            if denied is not None:
+                return denied
             if not self._within_rate(app.client_id, api):
                 self.qps_rejections[api] += 1
                 self._touch()
@@ -1097,6 +1102,39 @@ class FakeDingTalk:
         self._touch()
         return web.json_response({"errcode": 0, "errmsg": "ok", "type": media_type,
                                   "media_id": uploaded.media_id, "created_at": _now_ms()})
+
+    # --- permissions ------------------------------------------------------------------------------------
+
+    def deny_scopes(self, client_id: str, *scopes: str) -> None:
+        """Take permissions away from an app (e.g. "Card.Streaming.Write"): its calls that need one get
+        DingTalk's 403 Forbidden.AccessDenied.AccessTokenPermissionDenied naming the required scope."""
+        self.apps[client_id].denied_scopes.update(scopes)
+
+    def _permission_denied(self, app: FakeApp, api: str) -> web.Response | None:
+        scope = API_SCOPES.get(api)
+        if scope is None or scope not in app.denied_scopes:
+            return None
+        body = {
+            "code": PERMISSION_DENIED_CODE,
+            "message": "没有调用该接口的权限，接口权限申请参考：https://open.dingtalk.com/document/orgapp/add-api-permission",
+            "requestid": _request_id(),
+            "accessdenieddetail": {"requiredScopes": [scope]},
+        }
+        return web.json_response(body, status=403)
+
+
+PERMISSION_DENIED_CODE = "Forbidden.AccessDenied.AccessTokenPermissionDenied"
+# The permission (scope) each OpenAPI call needs, as the developer console names them.
+API_SCOPES = {
+    API_CREATE_AND_DELIVER: "Card.Instance.Write",
+    API_CARD_CREATE: "Card.Instance.Write",
+    API_CARD_DELIVER: "Card.Instance.Write",
+    API_CARD_UPDATE: "Card.Instance.Write",
+    API_CARD_STREAMING: "Card.Streaming.Write",
+    API_FILE_DOWNLOAD: "qyapi_robot_sendmsg",
+    API_BATCH_SEND: "qyapi_robot_sendmsg",
+    API_GROUP_SEND: "qyapi_robot_sendmsg",
+}
 
 
 async def _json_body(request: web.Request) -> Any:

@@ -399,6 +399,8 @@ class Arbiter:
         match message:
             case ("heartbeat", int(in_flight)):
                 lifecycle.heartbeat(in_flight)
+            case ("heartbeat", int(in_flight), dict(stats)):
+                lifecycle.heartbeat(in_flight, stats)
             case ("connected",):
                 if lifecycle.phase is Phase.STARTING:
                     log.info("%s: connected", name)

@@ -1,6 +1,7 @@
 """The child side of the supervisor protocol: what a forked bot process calls first, and its channel upward.
 
-Messages are small tuples on a one-way `multiprocessing` pipe: `("connected",)`, `("heartbeat", in_flight)`,
+Messages are small tuples on a one-way `multiprocessing` pipe: `("connected",)`, `("heartbeat", in_flight)`
+or `("heartbeat", in_flight, stats)` (a small dict of counters, e.g. `dingtalk_calls_month`),
 `("disconnected",)`. Any message proves the child's event loop runs; the supervisor replaces a child silent
 for `heartbeat_timeout`, so heartbeats must come from a coroutine on the bot's loop (`heartbeat_loop`), never
 from a thread.
@@ -58,8 +59,11 @@ class ParentChannel:
     def connected(self) -> None:
         self._send(("connected",))
 
-    def heartbeat(self, in_flight: int) -> None:
-        self._send(("heartbeat", int(in_flight)))
+    def heartbeat(self, in_flight: int, stats: dict[str, int] | None = None) -> None:
+        if stats:
+            self._send(("heartbeat", int(in_flight), dict(stats)))
+        else:
+            self._send(("heartbeat", int(in_flight)))
 
     def disconnected(self) -> None:
         self._send(("disconnected",))
@@ -81,8 +85,13 @@ class ParentChannel:
             log.debug("supervisor gone; no more messages to it")
 
 
-async def heartbeat_loop(channel: ParentChannel, interval: float, in_flight: Callable[[], int]) -> None:
-    """Send `("heartbeat", in_flight())` every `interval` seconds; returns once the supervisor is gone."""
+async def heartbeat_loop(
+    channel: ParentChannel,
+    interval: float,
+    in_flight: Callable[[], int],
+    stats: Callable[[], dict[str, int]] | None = None,
+) -> None:
+    """Send `("heartbeat", in_flight()[, stats()])` every `interval` seconds; returns once the supervisor is gone."""
     while channel.parent_alive:
-        channel.heartbeat(in_flight())
+        channel.heartbeat(in_flight(), stats() if stats is not None else None)
         await asyncio.sleep(interval)

@@ -96,6 +96,7 @@ class BotLifecycle:
         self.restart_at: float | None = None
         self.kill_at: float | None = None
         self.in_flight = 0
+        self.dingtalk_calls_month = 0  # as last reported: kept across restarts (the child's store keeps it too)
         self.exit_code: int | None = None  # last exit: >= 0 a code, < 0 a signal, None: never ran / no start
         self.failures = 0  # unplanned ends since the process last ran stably
 
@@ -114,10 +115,13 @@ class BotLifecycle:
         if self.phase is Phase.STARTING:
             self.phase = Phase.RUNNING
 
-    def heartbeat(self, in_flight: int) -> None:
+    def heartbeat(self, in_flight: int, stats: dict[str, object] | None = None) -> None:
         self._seen()
         if self.phase in LIVE_PHASES:
             self.in_flight = max(0, in_flight)
+        calls = (stats or {}).get("dingtalk_calls_month")
+        if isinstance(calls, int) and calls >= 0:
+            self.dingtalk_calls_month = calls
 
     def disconnected(self) -> None:
         """The child lost its DingTalk connection and is reconnecting by itself."""
@@ -253,6 +257,7 @@ class Summary:
     stopping: int
     not_responding: int
     in_flight: int
+    dingtalk_calls_month: int = 0
 
 
 def summarize(lifecycles: Iterable[BotLifecycle], now: float) -> Summary:
@@ -273,6 +278,7 @@ def summarize(lifecycles: Iterable[BotLifecycle], now: float) -> Summary:
         stopping=sum(1 for lc in items if lc.phase is Phase.STOPPING and lc.intent is StopIntent.STOP),
         not_responding=sum(1 for lc in items if lc.stale(now)),
         in_flight=sum(lc.in_flight for lc in items),
+        dingtalk_calls_month=sum(lc.dingtalk_calls_month for lc in items),
     )
 
 
@@ -289,7 +295,10 @@ def status_text(summary: Summary) -> str:
     if summary.not_responding:
         parts.append(f"{summary.not_responding} not responding")
     noun = "conversation" if summary.in_flight == 1 else "conversations"
-    return f"{', '.join(parts)}; {summary.in_flight} {noun} in flight"
+    text = f"{', '.join(parts)}; {summary.in_flight} {noun} in flight"
+    if summary.dingtalk_calls_month:
+        text += f"; {summary.dingtalk_calls_month} DingTalk calls this month"
+    return text
 
 
 def all_settled(lifecycles: Iterable[BotLifecycle]) -> bool:

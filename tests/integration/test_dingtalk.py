@@ -405,12 +405,14 @@ async def test_card_with_the_builtin_template_moves_through_its_flow_states(fake
     await card.update("typing more")
     await card.finish("the full answer")
     state = await fake.wait_card_final("builtin")
-    assert [u["flowStatus"] for u in state.param_updates] == ["2", "3"]
+    # one call per write: the first text rides on the switch to "typing", the end sets the state and the text
+    assert [(u["flowStatus"], u["msgContent"]) for u in state.param_updates] == [
+        ("2", "typing"), ("3", "the full answer")]
+    assert state.contents == ["typing more"]
     assert {u.key for u in state.timeline} == {"msgContent"}
-    assert state.contents == ["typing", "typing more", "the full answer"]
-    assert state.timeline[-1].is_finalize
     assert state.final_content == "the full answer"
     assert not state.failed
+    assert fake.calls[fd.API_CARD_UPDATE] + fake.calls[fd.API_CARD_STREAMING] == 3
 
 
 async def test_failing_cards_show_the_error(fake: FakeDingTalk, session):
@@ -505,23 +507,9 @@ async def test_an_unreachable_peer_is_unavailable(session):
     assert SECRET not in str(raised.value)
 
 
-async def test_25_cards_at_once_stay_under_the_20_per_second_limit(fake: FakeDingTalk, session):
-    api = make_api(fake, session)
-
-    async def answer(i: int) -> None:
-        card = AICard(api, out_track_id=f"burst-{i}", template_id=TEMPLATE,
-                      message=one_to_one(fake, sender_staff_id=f"user{i}"))
-        await card.open()
-        await card.finish(f"answer {i}")
-
-    await asyncio.gather(*(answer(i) for i in range(25)))
-    assert sum(fake.qps_rejections.values()) == 0
-    assert all(fake.cards[f"burst-{i}"].final_content == f"answer {i}" for i in range(25))
-
-
 async def test_without_pacing_the_fake_does_refuse_a_burst(fake: FakeDingTalk, session):
-    """The control for the test above: the fake's limit is real."""
-    api = make_api(fake, session, card_qps=10_000, max_attempts=1)
+    """The fake's limit is real: what the card-call scheduler (test_delivery.py) keeps the bot under."""
+    api = make_api(fake, session, max_attempts=1)
     cards = [AICard(api, out_track_id=f"raw-{i}", template_id=TEMPLATE, message=one_to_one(fake))
              for i in range(25)]
     results = await asyncio.gather(*(card.open() for card in cards), return_exceptions=True)

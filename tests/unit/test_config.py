@@ -189,3 +189,131 @@ def test_check_config_exits_78_naming_the_key(tmp_path):
     assert result.returncode == 78
     assert "bots[0].dify_app_api_key: missing" in result.stderr
     assert "s3cr3t-client-value" not in result.stdout + result.stderr
+
+
+def test_rich_message_settings_have_defaults_and_are_checked(tmp_path):
+    (bot,) = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={}).bots
+    assert (bot.show_reasoning, bot.markdown_tables, bot.image_delivery) == ("hide", "list", "card")
+    assert bot.default_image_query == "Please describe this picture."
+    assert bot.default_file_query == "Please read the attached file."
+    text = "show_reasoning: quote\nmarkdown_tables: code\n" + ORIGINAL_BOTS_YAML + (
+        "    image_delivery: message\n    default_image_query: 请描述这张图片。\n"
+    )
+    (bot,) = config.load(write(tmp_path, text), environ={}).bots
+    assert (bot.show_reasoning, bot.markdown_tables, bot.image_delivery) == ("quote", "code", "message")
+    assert bot.default_image_query == "请描述这张图片。"
+    bad = "show_reasoning: show\n" + ORIGINAL_BOTS_YAML + "    markdown_tables: html\n    default_file_query: ''\n"
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, bad), environ={})
+    problems = "\n".join(caught.value.problems)
+    assert "show_reasoning: 'show' is not one of: hide, quote" in problems
+    assert "bots[0].markdown_tables: 'html' is not one of: list, code, keep" in problems
+    assert "bots[0].default_file_query: missing" in problems
+
+
+def test_rich_conversation_keys_access_progress_inputs_and_routes(tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "hr.sales.dify_app_api_key").write_text("app-route-from-credential")
+    text = """\
+show_progress: "no"
+deny_users: "troll1, troll2"
+access_denied_reply: ""
+bots:
+  - name: hr
+    dingtalk_app_client_id: ding1
+    dingtalk_app_client_secret: s
+    dify_app_type: auto
+    dify_app_api_key: app-main
+    show_suggested_questions: false
+    dify_inputs: {nick: who, chat_title: null}
+    routes:
+      - name: sales
+        conversation_ids: [cidSALES==]
+        dify_app_type: workflow
+      - conversation_ids: cidA== cidB==
+        dify_app_type: chatflow
+        dify_app_api_key: app-second
+        dify_open_api_url: http://dify2.example/v1
+"""
+    bot = config.load(write(tmp_path, text), environ={"CREDENTIALS_DIRECTORY": str(creds)}).bots[0]
+    assert bot.show_progress is False and bot.show_suggested_questions is False
+    assert bot.deny_users == ("troll1", "troll2") and bot.deny_groups == ()
+    assert bot.access_denied_reply == ""
+    assert bot.dify_input_variable is None  # found via /parameters unless set
+    expected_inputs = {**config.DIFY_CONTEXT_INPUTS, "nick": "who"}
+    del expected_inputs["chat_title"]  # null switches one off; the others keep their defaults
+    assert bot.dify_inputs == expected_inputs
+    sales, second = bot.routes
+    assert sales.dify_app_api_key.reveal() == "app-route-from-credential"
+    assert sales.dify_open_api_url == bot.dify_open_api_url
+    assert second.name == "route1" and second.conversation_ids == ("cidA==", "cidB==")
+    assert second.dify_open_api_url == "http://dify2.example/v1"
+    effective = config.render_effective(config.load(write(tmp_path, text), {"CREDENTIALS_DIRECTORY": str(creds)}))
+    assert "app-second" not in effective and "app-route-from-credential" not in effective
+    assert "cidSALES==" in effective
+
+
+def test_rich_conversation_keys_are_validated_by_key_path(tmp_path):
+    text = ORIGINAL_BOTS_YAML + """\
+    show_progress: maybe
+    dify_inputs: {shoe_size: x}
+    routes:
+      - conversation_ids: [cidA==]
+        dify_app_type: bogus
+      - conversation_ids: [cidA==]
+        dify_app_type: chatbot
+        dify_app_api_key: app-x
+      - dify_app_type: chatbot
+        dify_app_api_key: app-y
+"""
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, text), environ={})
+    problems = "\n".join(caught.value.problems)
+    assert "bots[0].show_progress: 'maybe' is not true or false" in problems
+    assert "bots[0].dify_inputs.shoe_size: unknown" in problems
+    assert "bots[0].routes[0].dify_app_type: 'bogus' is not one of" in problems
+    assert "bots[0].routes[0].dify_app_api_key: missing" in problems
+    assert "bots[0].routes[1].conversation_ids: cidA== is already in bots[0].routes[0]" in problems
+    assert "bots[0].routes[2].conversation_ids: missing" in problems
+
+
+def test_long_answer_and_message_size_limits_have_defaults_and_are_checked(tmp_path):
+    (bot,) = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={}).bots
+    assert bot.dify_total_timeout == 1200  # Dify's own APP_MAX_EXECUTION_TIME
+    assert bot.max_message_chars == 20000
+    text = "dify_total_timeout: 3600\nmax_message_chars: 5000\n" + ORIGINAL_BOTS_YAML + "    max_message_chars: 100\n"
+    (bot,) = config.load(write(tmp_path, text), environ={}).bots
+    assert (bot.dify_total_timeout, bot.max_message_chars) == (3600, 100)
+    bad = "dify_total_timeout: 0\n" + ORIGINAL_BOTS_YAML + "    max_message_chars: lots\n"
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, bad), environ={})
+    problems = "\n".join(caught.value.problems)
+    assert "dify_total_timeout: 0 must be a number >= 1" in problems
+    assert "bots[0].max_message_chars: 'lots' is not a number" in problems
+
+
+def test_a_redis_store_url_is_accepted_and_its_password_never_shown(tmp_path):
+    pytest.importorskip("redis")
+    text = "store: redis://:pa55word@10.0.0.5:6379/2\n" + ORIGINAL_BOTS_YAML
+    loaded = config.load(write(tmp_path, text), environ={})
+    assert loaded.bots[0].store == "redis://:pa55word@10.0.0.5:6379/2"
+    effective = config.render_effective(loaded)
+    assert "pa55word" not in effective and "redis://:***@10.0.0.5:6379/2" in effective
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, "store: memcached://x\n" + ORIGINAL_BOTS_YAML), environ={})
+    assert "store: 'memcached://x' must be 'disk' or a redis:// URL" in caught.value.problems
+
+
+def test_monthly_api_budget_is_optional_from_file_or_environment_and_checked(tmp_path):
+    (bot,) = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={}).bots
+    assert bot.dingtalk_api_monthly_budget is None  # no budget: only DingTalk's own quota
+    env = {"DINGTALK_API_MONTHLY_BUDGET": '"5000"'}
+    (bot,) = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ=env).bots
+    assert bot.dingtalk_api_monthly_budget == 5000
+    text = "dingtalk_api_monthly_budget: 5000\n" + ORIGINAL_BOTS_YAML + "    dingtalk_api_monthly_budget: null\n"
+    (bot,) = config.load(write(tmp_path, text), environ={}).bots
+    assert bot.dingtalk_api_monthly_budget is None  # a bot may opt out of the file's budget
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, ORIGINAL_BOTS_YAML + "    dingtalk_api_monthly_budget: 0\n"), environ={})
+    assert "bots[0].dingtalk_api_monthly_budget: 0 must be a number >= 1" in caught.value.problems

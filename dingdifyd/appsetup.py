@@ -1,0 +1,53 @@
+"""A bot's Dify apps, built and checked before the bot takes messages: its own app and one per route.
+
+Used by the bot process (a wrong key or app type ends it with exit 78 and the key path to fix) and by
+`dingdifyd doctor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import aiohttp
+
+from dingdifyd.bridge.apps import AppRouter
+from dingdifyd.bridge.ports import AnswerSource
+from dingdifyd.config import BotConfig, DaemonConfig, RouteConfig
+from dingdifyd.dify.apptype import check_at_start
+from dingdifyd.dify.client import DifyClient, DifyTimeouts
+
+
+def key_path(daemon: DaemonConfig, bot: BotConfig) -> str:
+    """How the config file names the bot: `bots[2]`."""
+    index = next((i for i, b in enumerate(daemon.bots) if b.name == bot.name), None)
+    return f"bots[{index}]" if index is not None else f"bot {bot.name}"
+
+
+def dify_timeouts(bot: BotConfig) -> DifyTimeouts:
+    return DifyTimeouts(bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout)
+
+
+def route_client(bot: BotConfig, route: RouteConfig, http: aiohttp.ClientSession) -> DifyClient:
+    return DifyClient(
+        base_url=route.dify_open_api_url, api_key=route.dify_app_api_key, app_type=route.dify_app_type,
+        session=http, input_variable=route.dify_input_variable or bot.dify_input_variable,
+        timeouts=dify_timeouts(bot),
+    )  # fmt: skip
+
+
+async def start_apps(
+    bot: BotConfig,
+    client: DifyClient,
+    http: aiohttp.ClientSession,
+    *,
+    where: str,
+    guard: Callable[[DifyClient], AnswerSource] | None = None,
+) -> AppRouter:
+    """The bot's router over `client` and its routes' apps, each checked (key accepted, app type right,
+    `auto` resolved); `guard` wraps each app's answer streams. Raises ConfigError naming every key to fix."""
+    router = AppRouter.from_config(
+        bot, client, lambda route: route_client(bot, route, http), where=where,
+        answers=guard(client) if guard else None, guard=guard,  # type: ignore[arg-type]
+    )  # fmt: skip
+    await check_at_start([(app.config_key, app.client) for app in router.apps])  # type: ignore[misc]
+    return router

@@ -1,0 +1,336 @@
+"""Images and files from Dify, on their way to the DingTalk user, for one answer.
+
+Dify gives them as `message_file` events, as markdown images in the answer (often relative, signed
+`/files/tools/...` URLs: resolved against the Dify host without `/v1`), and as file objects in a workflow's
+outputs. DingTalk cannot fetch Dify's URLs (internal host, signatures that expire in minutes), so each is fetched
+from Dify and uploaded to DingTalk's media store as soon as it is seen, while the answer still streams. An image
+then shows in the card as `![alt](@mediaId)` (or, with `image_delivery: message`, is sent as an image message
+after the card); any other file is sent as a file message right after the card. Images on other hosts are left
+to DingTalk to fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import logging
+import mimetypes
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from dingdifyd.bridge import attachments as att
+from dingdifyd.bridge import markdown
+from dingdifyd.bridge.models import IncomingMessage
+from dingdifyd.bridge.ports import DifyFiles, MessageFiles
+from dingdifyd.errors import PeerError
+
+log = logging.getLogger(__name__)
+
+DELIVERY_CHOICES = ("card", "message")
+# What DingTalk's media store takes as `image` (and a card shows); other images go as files.
+DINGTALK_IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "gif", "bmp", "webp"})
+MAX_FILE_BYTES = 20 * 1024 * 1024  # DingTalk's media upload limit
+
+IMAGE_FAILED = "🖼️ {alt} (could not be shown)"
+FILE_FAILED = "The file “{name}” from the app could not be delivered."
+FILE_SEND_FAILED = "⚠️ The file “{name}” from the app could not be sent here."
+
+# Dify's own file routes, whatever host FILES_URL names: tool files, and upload previews.
+_DIFY_FILE_PATH = re.compile(r"/files/(?:tools/[^/]+|[0-9a-fA-F-]{36}/(?:file|image)-preview)$")
+_DATA_URL = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.+)$", re.DOTALL)
+
+
+def dify_file_url(url: str, public_base: str) -> str | None:
+    """The absolute URL to fetch when `url` is a file Dify serves, else None (a URL DingTalk can use as is)."""
+    url = url.strip()
+    if not url or url.startswith(("@", "data:")):
+        return None
+    parts = urlsplit(url)
+    if not parts.scheme and not parts.netloc:
+        path = url if url.startswith("/") else "/" + url
+        return public_base.rstrip("/") + path
+    if parts.scheme not in ("http", "https"):
+        return None
+    base = urlsplit(public_base)
+    if parts.netloc == base.netloc or _DIFY_FILE_PATH.search(parts.path):
+        return url
+    return None
+
+
+def file_name_of(url: str, content_type: str = "", fallback: str = "file") -> str:
+    name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) if not url.startswith("data:") else ""
+    if name in ("file-preview", "image-preview"):
+        name = ""
+    if not att.extension_of(name):
+        extension = mimetypes.guess_extension(content_type.split(";")[0].strip()) if content_type else None
+        name = (name or fallback) + (extension or "")
+    return name
+
+
+def files_in_outputs(outputs: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The file objects among a workflow run's outputs (single files and lists of files)."""
+    found: list[Mapping[str, Any]] = []
+    for value in outputs.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Mapping) and _is_dify_file(item):
+                found.append(item)
+    return found
+
+
+def _is_dify_file(obj: Mapping[str, Any]) -> bool:
+    if obj.get("dify_model_identity") == "__dify__file__":
+        return True
+    return "transfer_method" in obj and bool(obj.get("url") or obj.get("remote_url"))
+
+
+@dataclass
+class _Item:
+    """One image or file: where it comes from and, once uploaded, its DingTalk media id."""
+
+    key: str
+    source: str  # the absolute URL to fetch, or a data: URL
+    kind: str  # "image" | "file"
+    name: str
+    alt: str = ""
+    task: asyncio.Task[str] | None = None
+    media_id: str | None = None
+    failed: bool = False
+
+
+class OutgoingMedia:
+    """The images and files of one answer. Rewrites the card text as uploads complete; sends files after it."""
+
+    def __init__(
+        self,
+        *,
+        message: IncomingMessage,
+        public_base: str,
+        dify: DifyFiles | None,
+        dingtalk: MessageFiles | None,
+        delivery: str = "card",
+    ):
+        self.message = message
+        self.public_base = public_base
+        self.dify = dify
+        self.dingtalk = dingtalk
+        self.delivery = delivery
+        self._items: dict[str, _Item] = {}
+        self._extra: list[str] = []  # keys of images Dify sent as events or outputs, shown after the text
+        self._files: list[str] = []  # keys of files sent after the card
+        self._external_images: list[str] = []  # with delivery "message": images on other hosts, sent as they are
+
+    @property
+    def can_rehost(self) -> bool:
+        return self.dify is not None and self.dingtalk is not None
+
+    # --- what Dify gave ---------------------------------------------------------------------------------
+
+    def add_file(self, url: str, file_type: str = "", name: str = "") -> None:
+        """A `message_file` event, or a file of a workflow's outputs."""
+        source = dify_file_url(url, self.public_base)
+        if source is None:
+            if url.startswith(("http://", "https://")) and file_type == "image":
+                key = url
+                if key not in self._extra:
+                    self._extra.append(key)
+                    self._items.setdefault(key, _Item(key, url, "external", name or "image"))
+            return
+        name = name or file_name_of(source, fallback="image" if file_type == "image" else "file")
+        is_image = file_type == "image" and att.extension_of(name) in DINGTALK_IMAGE_EXTENSIONS | {""}
+        item = self._item(source, "image" if is_image else "file", name)
+        target = self._extra if is_image else self._files
+        if item.key not in target:
+            target.append(item.key)
+
+    def add_outputs(self, outputs: Mapping[str, Any]) -> None:
+        for obj in files_in_outputs(outputs):
+            url = str(obj.get("url") or obj.get("remote_url") or "")
+            name = str(obj.get("filename") or "")
+            self.add_file(url, str(obj.get("type") or ""), name)
+
+    def _item(self, source: str, kind: str, name: str, alt: str = "") -> _Item:
+        key = _key_of(source)
+        item = self._items.get(key)
+        if item is None:
+            item = _Item(key, source, kind, name, alt)
+            self._items[key] = item
+            if self.can_rehost:
+                item.task = asyncio.create_task(self._rehost(item), name=f"media-{key[-12:]}")
+        return item
+
+    async def _rehost(self, item: _Item) -> str:
+        assert self.dify is not None and self.dingtalk is not None
+        if item.source.startswith("data:"):
+            content_type = item.source[5:].split(";", 1)[0]
+            decoded = decode_data_url(item.source)
+            if decoded is None:
+                raise PeerError("a data: URL that is not base64")
+            data = decoded
+        else:
+            data, content_type = await self.dify.fetch_file(item.source)
+        if len(data) > MAX_FILE_BYTES:
+            raise PeerError(f"{len(data)} bytes: larger than DingTalk's media limit")
+        name = item.name
+        if not att.extension_of(name):
+            extension = att.sniff_image_extension(data, "") if item.kind == "image" else ""
+            if not extension and content_type:
+                guessed = mimetypes.guess_extension(content_type.split(";")[0].strip())
+                extension = guessed.lstrip(".") if guessed else ""
+            name = f"{name}.{extension}" if extension else name
+        kind = "image" if item.kind == "image" else "file"
+        content_type = content_type or att.mime_type_of(name)
+        media_id = await self.dingtalk.upload(data, filename=name, content_type=content_type, kind=kind)
+        item.name = name
+        return media_id
+
+    # --- the card text ----------------------------------------------------------------------------------
+
+    def card_text(self, text: str, *, final: bool = False) -> str:
+        """`text` (already adapted markdown) with Dify's images replaced by DingTalk media ids as they become
+        ready; images still uploading are left out until they are. Starts uploads for new images."""
+        self._collect()
+        referenced: set[str] = set()
+
+        def image(alt: str, url: str) -> str:
+            if url.startswith("data:"):
+                if not _DATA_URL.match(url):
+                    return ""
+                item = self._item(url, "image", "image", alt)
+            else:
+                source = dify_file_url(url, self.public_base)
+                if source is None:  # DingTalk fetches it itself
+                    if self.delivery == "message" and url.startswith("https://"):
+                        if url not in self._external_images:
+                            self._external_images.append(url)
+                        return ""
+                    return f"![{alt}]({url})"
+                if not self.can_rehost:
+                    return f"![{alt}]({source})"
+                item = self._item(source, "image", file_name_of(source, fallback="image"), alt)
+            referenced.add(item.key)
+            return self._show(item, alt, final)
+
+        text = markdown.replace_images(text, image)
+        text = markdown.replace_links(text, self._absolute_link)
+        extra = [self._show(self._items[k], "image", final) for k in self._extra if k not in referenced]
+        extra = [piece for piece in extra if piece]
+        if extra:
+            text = "\n\n".join([text, *extra]) if text else "\n\n".join(extra)
+        if final:
+            lines = []
+            for key in self._files:
+                item = self._items[key]
+                if item.failed:
+                    lines.append("⚠️ " + FILE_FAILED.format(name=item.name))
+                elif item.task is None:  # nothing can upload it (terminal chat): a plain link
+                    lines.append(f"📎 [{item.name}]({item.source})")
+            text = "\n\n".join(piece for piece in [text, *lines] if piece)
+        return text
+
+    def _collect(self) -> None:
+        for item in self._items.values():
+            task = item.task
+            if task is not None and task.done() and item.media_id is None and not item.failed:
+                if task.cancelled() or task.exception() is not None:
+                    item.failed = True
+                    exc = None if task.cancelled() else task.exception()
+                    log.warning("message %s: %s from Dify not delivered: %s: %s",
+                                self.message.msg_id, item.kind, type(exc).__name__, exc)
+                else:
+                    item.media_id = task.result()
+
+    def _show(self, item: _Item, alt: str, final: bool) -> str:
+        alt = alt or "image"
+        if item.kind == "external":
+            return f"![{alt}]({item.source})" if self.delivery == "card" else ""
+        if item.media_id is not None:
+            return f"![{alt}]({item.media_id})" if self.delivery == "card" else ""
+        if item.failed and final:
+            if item.source.startswith("data:"):
+                return IMAGE_FAILED.format(alt=alt)
+            return f"[{IMAGE_FAILED.format(alt=alt)}]({item.source})"
+        if item.task is None:  # nothing can upload it (terminal chat): a plain link
+            return f"![{alt}]({item.source})"
+        return ""
+
+    def _absolute_link(self, label: str, url: str) -> str:
+        """A link to a Dify file (`[report](/files/...)`) must name Dify's host to work in DingTalk."""
+        if url.startswith("/files/"):
+            return f"[{label}]({self.public_base.rstrip('/')}{url})"
+        return f"[{label}]({url})"
+
+    # --- the end ----------------------------------------------------------------------------------------
+
+    async def final_text(self, text: str) -> str:
+        """The card's final text: every image in `text` and from Dify's events uploaded first (or given up)."""
+        self.card_text(text)  # starts the uploads of images only the final text has
+        tasks = [item.task for item in self._items.values() if item.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+        return self.card_text(text, final=True)
+
+    async def send_after_card(self, plain_reply: Callable[[str], Awaitable[None]]) -> None:
+        """Images (delivery "message") and files, each as a message of its own, in order."""
+        if self.dingtalk is None:
+            return
+        self._collect()
+        sends: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        if self.delivery == "message":
+            for item in self._items.values():
+                if item.kind == "image" and item.media_id is not None:
+                    sends.append((item.name, _bind(self.dingtalk.send_image, self.message, item.media_id)))
+            for url in [*self._external_images, *(k for k in self._extra if self._items[k].kind == "external")]:
+                sends.append((url, _bind(self.dingtalk.send_image, self.message, url)))
+        for key in self._files:
+            item = self._items[key]
+            if item.media_id is not None:
+                sends.append((item.name, _bind(self.dingtalk.send_file, self.message, item.media_id, item.name)))
+        for name, send in sends:
+            try:
+                await send()
+            except PeerError as exc:
+                log.warning("message %s: sending a file after the card failed: %s", self.message.msg_id, exc)
+                with contextlib.suppress(PeerError):
+                    await plain_reply(FILE_SEND_FAILED.format(name=name.rsplit("/", 1)[-1]))
+
+    async def aclose(self) -> None:
+        """Stop uploads still running (the answer failed or was interrupted)."""
+        tasks = [item.task for item in self._items.values() if item.task is not None and not item.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for item in self._items.values():  # retrieve, so no "exception was never retrieved" warnings
+            if item.task is not None and item.task.done() and not item.task.cancelled():
+                item.task.exception()
+
+
+def _key_of(source: str) -> str:
+    """Signed URLs of the same file differ in their query: the path names the file."""
+    if source.startswith("data:"):
+        return "data:" + hashlib.sha256(source.encode()).hexdigest()
+    parts = urlsplit(source)
+    return f"{parts.netloc}{parts.path}"
+
+
+def _bind(function: Callable[..., Awaitable[None]], *args: Any) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        await function(*args)
+
+    return call
+
+
+def decode_data_url(url: str) -> bytes | None:
+    match = _DATA_URL.match(url)
+    if match is None:
+        return None
+    try:
+        return base64.b64decode(match.group(2), validate=False)
+    except (binascii.Error, ValueError):
+        return None

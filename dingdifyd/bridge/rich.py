@@ -1,0 +1,53 @@
+"""One answer as DingTalk shows it: the raw Dify text rendered (reasoning per `show_reasoning`, markdown adapted,
+bridge/markdown.py), with Dify's images and files brought over (bridge/media.py). What the bridge service calls
+while the answer streams and when it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from dingdifyd.bridge.markdown import AnswerStyle, render_answer
+from dingdifyd.bridge.media import OutgoingMedia
+from dingdifyd.bridge.models import IncomingMessage
+from dingdifyd.bridge.ports import DifyFiles, MessageFiles
+from dingdifyd.config import BotConfig
+from dingdifyd.dify.events import DifyEvent, MessageFile, WorkflowFinished
+
+
+class RichAnswer:
+    def __init__(self, *, bot: BotConfig, message: IncomingMessage, dify: object, files: MessageFiles | None):
+        self.style = AnswerStyle(show_reasoning=bot.show_reasoning, tables=bot.markdown_tables)
+        self.media = OutgoingMedia(
+            message=message,
+            # the routed app's own host (a route may use another Dify), like BotConfig.dify_public_base
+            public_base=_without_v1(getattr(dify, "base_url", "")) or bot.dify_public_base,
+            dify=dify if isinstance(dify, DifyFiles) else None,
+            dingtalk=files,
+            delivery=bot.image_delivery,
+        )
+
+    def view(self, raw: str) -> str:
+        """The card text for the answer so far."""
+        return self.media.card_text(render_answer(raw, self.style, final=False))
+
+    def see(self, event: DifyEvent) -> None:
+        """Files Dify sends beside the text: `message_file` events and workflow file outputs."""
+        if isinstance(event, MessageFile) and event.belongs_to != "user":
+            self.media.add_file(event.url, event.file_type)
+        elif isinstance(event, WorkflowFinished):
+            self.media.add_outputs(event.outputs)
+
+    async def final(self, raw: str) -> str:
+        """The card's final text, once every image is uploaded (or given up on)."""
+        return await self.media.final_text(render_answer(raw, self.style, final=True))
+
+    async def after_card(self, plain_reply: Callable[[str], Awaitable[None]]) -> None:
+        await self.media.send_after_card(plain_reply)
+
+    async def aclose(self) -> None:
+        await self.media.aclose()
+
+
+def _without_v1(api_url: object) -> str:
+    url = str(api_url or "").rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url

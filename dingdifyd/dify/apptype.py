@@ -1,0 +1,110 @@
+"""Is the configured `dify_app_type` the kind of app the key belongs to? Asked at bot start and by `doctor`.
+
+A key of a workflow app used as a chatbot makes every message fail with `400 not_chat_app`; better to say so
+once, at start, naming the key to fix. Late Dify 1.x names the app's mode in `GET /info`. Older servers (0.15
+included) do not, so the stop route of the configured kind is asked with a task id that cannot exist: Dify
+checks the app's mode before anything else there (`not_chat_app`, `not_workflow_app`, `app_unavailable`) and
+answers success for an unknown task, so the probe runs nothing and costs no tokens. Only when it is refused
+are the generation routes asked (`resolve_app_type`) to name the app's real kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dingdifyd.dify.client import APP_TYPE_BY_MODE, AUTO, CHAT_APP_TYPES, DifyClient
+from dingdifyd.errors import ConfigError, DifyAuthError, DifyError
+
+log = logging.getLogger(__name__)
+
+PROBE_USER = "dingdifyd-probe"
+ROUTE_MISMATCH_CODES = ("not_chat_app", "not_completion_app", "not_workflow_app", "app_unavailable")
+START_CHECK_TIMEOUT = 15.0  # a Dify slow to answer delays the bot's start no longer than this
+
+
+def family(app_type: str) -> str:
+    """chatbot, agent and chatflow apps share `/chat-messages` and its events: for the bridge they are alike."""
+    return "chat" if app_type in CHAT_APP_TYPES else app_type
+
+
+@dataclass(frozen=True)
+class AppTypeReport:
+    configured: str
+    actual: str | None  # our name for the app's kind; None when an older Dify only confirmed the family
+    mode: str | None  # Dify's mode as `GET /info` reported it (late 1.x)
+    app_name: str
+
+    @property
+    def matches(self) -> bool:
+        return self.configured == AUTO or self.actual is None or family(self.actual) == family(self.configured)
+
+    def describe(self) -> str:
+        kind = self.actual or family(self.configured)
+        mode = f", mode {self.mode}" if self.mode else ""
+        return f"{kind} app{mode}"
+
+
+async def inspect_app(client: DifyClient, configured: str) -> AppTypeReport:
+    """What kind of app the client's key belongs to. Raises DifyAuthError for a refused key, DifyError when
+    Dify cannot be asked."""
+    info = await client.info()
+    mode = info.get("mode") if isinstance(info.get("mode"), str) else None
+    name = str(info.get("name") or "")
+    actual = APP_TYPE_BY_MODE.get(mode or "")
+    if actual is None and configured == AUTO:
+        actual = await client.resolve_app_type()
+    elif actual is None:
+        try:
+            await client.stop(f"dingdifyd-probe-{uuid.uuid4()}", PROBE_USER)
+        except DifyError as exc:
+            if exc.status != 400 or exc.code not in ROUTE_MISMATCH_CODES:
+                raise
+            actual = await client.resolve_app_type()
+    return AppTypeReport(configured=configured, actual=actual, mode=mode, app_name=name)
+
+
+def mismatch_problem(where: str, report: AppTypeReport) -> str:
+    right = report.actual or "auto"
+    return (
+        f"{where}.dify_app_type: {report.configured!r}, but its key belongs to a {report.describe()}; "
+        f"set dify_app_type: {right} (or auto)"
+    )
+
+
+def refused_key_problem(where: str, exc: DifyAuthError) -> str:
+    return (
+        f"{where}.dify_app_api_key: refused by Dify (HTTP {exc.status} {exc.code or ''}); "
+        "use the app's API key (Dify: the app > API Access > API Key)"
+    ).replace("  ", " ")
+
+
+async def check_at_start(apps: Sequence[tuple[str, DifyClient]], timeout: float = START_CHECK_TIMEOUT) -> None:
+    """Before a bot takes messages: every key accepted and of the configured kind, `auto` resolved.
+
+    Raises ConfigError naming each key to fix (the bot process then exits 78). A Dify that cannot be reached is
+    not a reason to refuse to start: the check is logged and skipped, and `auto` is resolved on first use.
+    """
+    problems: list[str] = []
+    for where, client in apps:
+        configured = client.app_type
+        try:
+            async with asyncio.timeout(timeout):
+                report = await inspect_app(client, configured)
+        except DifyAuthError as exc:
+            problems.append(refused_key_problem(where, exc))
+            continue
+        except (DifyError, TimeoutError) as exc:
+            reason = "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
+            log.warning("%s: the Dify app could not be checked at start (%s); going on", where, reason)
+            continue
+        if not report.matches:
+            problems.append(mismatch_problem(where, report))
+        elif configured == AUTO and report.actual is not None:
+            client.app_type = report.actual
+            log.info("%s: Dify app type %s (auto)", where, report.actual)
+    if problems:
+        raise ConfigError(problems)

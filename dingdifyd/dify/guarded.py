@@ -1,0 +1,240 @@
+"""Answers that outlive their stream, and Dify tasks that do not outlive their answer.
+
+`GuardedAnswers` wraps a DifyClient as the bridge's AnswerSource and adds two things the plain stream cannot:
+
+- A workflow run goes on inside Dify when its stream dies (a reverse proxy's 60 s timeout, a dropped
+  connection, a silent socket). Once the stream has named its `workflow_run_id`, a cut or an idle timeout is
+  not the end: the run record (`GET /workflows/run/:id`) is polled until the run finishes, within what is
+  left of the total timeout, and the answer is finished from its outputs (as a `TextReplace`, since the
+  text streamed before the cut may be partial, then the run's `WorkflowFinished`).
+- An answer given up on is stopped in Dify too (`POST .../:task_id/stop` with the same user), so that the
+  app does not go on spending tokens for nobody: when the bot cancels it (stopping), when the idle or total
+  timeout fires, when a chat stream is cut, or when a workflow cannot be followed to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dingdifyd.dify.client import DifyClient
+from dingdifyd.dify.events import DifyEvent, MessageEnd, TextReplace, WorkflowFinished, text_from_outputs
+from dingdifyd.errors import (
+    DifyAuthError,
+    DifyError,
+    DifyStreamCut,
+    DifyTimeout,
+    DifyTotalTimeout,
+)
+
+log = logging.getLogger(__name__)
+
+STOP_BOUND = 5.0  # seconds a stop request may take: a courtesy to Dify, never worth holding an answer up
+FINISHED_STATUSES = ("succeeded", "partial-succeeded")
+ENDED_STATUSES = (*FINISHED_STATUSES, "failed", "stopped")
+
+
+@dataclass(frozen=True)
+class PollSchedule:
+    """Delays between two reads of a run record: quick at first (the run may be nearly done), then patient."""
+
+    first: float = 1.0
+    factor: float = 2.0
+    cap: float = 10.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.first
+        while True:
+            yield delay
+            delay = min(self.cap, delay * self.factor)
+
+
+def run_outputs(record: dict[str, Any]) -> dict[str, Any]:
+    """The outputs of a run record: a JSON string in Dify 0.x (transcript 84), an object in 1.x."""
+    outputs = record.get("outputs")
+    if isinstance(outputs, str):
+        try:
+            outputs = json.loads(outputs)
+        except ValueError:
+            return {"text": outputs}
+    return outputs if isinstance(outputs, dict) else {}
+
+
+class _Progress:
+    """What one answer's stream has shown so far: enough to follow it up or stop it."""
+
+    def __init__(self) -> None:
+        self.task_id = ""
+        self.workflow_run_id = ""
+        self.terminal = False
+
+    def see(self, event: DifyEvent, app_type: str) -> None:
+        self.task_id = self.task_id or event.task_id
+        self.workflow_run_id = self.workflow_run_id or event.workflow_run_id
+        # a chatflow's workflow_finished is followed by its message_end; a workflow app's is the end
+        if isinstance(event, MessageEnd) or (isinstance(event, WorkflowFinished) and app_type == "workflow"):
+            self.terminal = True
+
+
+class GuardedAnswers:
+    """The bridge's AnswerSource: a DifyClient's streams, followed up when cut and stopped when abandoned."""
+
+    def __init__(
+        self,
+        client: DifyClient,
+        *,
+        poll: PollSchedule = PollSchedule(),
+    ):
+        self.client = client
+        self.poll = poll
+        self._stops: set[asyncio.Task[None]] = set()
+        self._stopped: set[str] = set()  # task ids already asked to stop (`/stop`): never asked twice
+
+    # the bridge reads and sets these on the app's client
+    @property
+    def app_type(self) -> str:
+        return self.client.app_type
+
+    @property
+    def input_variable(self) -> str:
+        return self.client.input_variable
+
+    @input_variable.setter
+    def input_variable(self, value: str) -> None:
+        self.client.input_variable = value
+
+    async def stop(self, task_id: str, user: str) -> None:
+        if len(self._stopped) > 1000:  # ids of long-gone tasks; only a moment's worth matters
+            self._stopped.clear()
+        self._stopped.add(task_id)
+        await self.client.stop(task_id, user)
+
+    def __getattr__(self, name: str) -> Any:
+        # every other call is the client's own (stop, parameters, uploads, ...)
+        if name == "client":
+            raise AttributeError(name)
+        return getattr(self.client, name)
+
+    async def stream_answer(
+        self,
+        *,
+        query: str,
+        user: str,
+        conversation_id: str | None = None,
+        inputs: dict[str, Any] | None = None,
+        files: list[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[DifyEvent]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.client.timeouts.total
+        progress = _Progress()
+        stream = self.client.stream_answer(
+            query=query, user=user, conversation_id=conversation_id, inputs=inputs, files=files
+        )
+        try:
+            try:
+                async with contextlib.aclosing(stream):
+                    async for event in stream:
+                        progress.see(event, self.client.app_type)
+                        yield event
+            except (DifyStreamCut, DifyTimeout) as exc:
+                if not self._can_follow(progress, exc):
+                    await self._stop(progress, user, reason=type(exc).__name__)
+                    raise
+                log.warning(
+                    "the stream of workflow run %s ended early (%s); following the run until it finishes",
+                    progress.workflow_run_id, type(exc).__name__,
+                )  # fmt: skip
+                async for event in self._follow_run(progress, user, deadline, exc):
+                    yield event
+        except asyncio.CancelledError:
+            # the bot gave up on this answer (it is stopping): so should Dify
+            await self._stop(progress, user, reason="cancelled")
+            raise
+        except GeneratorExit:
+            # closed by the consumer before the end: stopping cannot be awaited here, so it is scheduled
+            if not progress.terminal:
+                self._stop_later(progress, user)
+            raise
+
+    # --- following a workflow run ------------------------------------------------------------------------
+
+    def _can_follow(self, progress: _Progress, exc: DifyError) -> bool:
+        return (
+            self.client.app_type == "workflow"
+            and bool(progress.workflow_run_id)
+            and not isinstance(exc, DifyTotalTimeout)  # the time allowed is spent: nothing left to wait with
+        )
+
+    async def _follow_run(
+        self, progress: _Progress, user: str, deadline: float, cause: DifyError
+    ) -> AsyncIterator[DifyEvent]:
+        """Poll the run record until the run ends or the deadline passes; yield the end of the answer."""
+        loop = asyncio.get_running_loop()
+        run_id = progress.workflow_run_id
+        record: dict[str, Any] = {}
+        delays = self.poll.delays()
+        while True:
+            try:
+                record = await self.client.workflow_run(run_id)
+            except DifyAuthError:
+                raise
+            except DifyError as exc:
+                if exc.status == 404:
+                    log.warning("workflow run %s is unknown to Dify; giving the answer up", run_id)
+                    raise cause from exc
+                log.info("reading workflow run %s failed (%s); trying again", run_id, type(exc).__name__)
+                record = {}
+            status = str(record.get("status") or "")
+            if status in ENDED_STATUSES:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                await self._stop(progress, user, reason="total timeout while following the run")
+                raise DifyTotalTimeout(
+                    f"workflow run {run_id} was still {status or 'unreadable'} after "
+                    f"{self.client.timeouts.total:g} s in total"
+                ) from cause
+            await asyncio.sleep(min(next(delays), remaining))
+        log.info("workflow run %s ended %s after its stream was cut", run_id, status)
+        if status not in FINISHED_STATUSES:
+            error = str(record.get("error") or f"the workflow run {status}")
+            raise DifyError(error, code="workflow_failed" if status == "failed" else "workflow_stopped")
+        outputs = run_outputs(record)
+        text = text_from_outputs(outputs)
+        if text:
+            yield TextReplace(
+                event="text_replace", task_id=progress.task_id, workflow_run_id=run_id, text=text
+            )
+        yield WorkflowFinished(
+            event="workflow_finished",
+            task_id=progress.task_id,
+            workflow_run_id=run_id,
+            status=status,
+            outputs=outputs,
+        )
+
+    # --- stopping ----------------------------------------------------------------------------------------
+
+    async def _stop(self, progress: _Progress, user: str, *, reason: str) -> None:
+        """Ask Dify to stop the task, within STOP_BOUND; failing to is logged and otherwise ignored."""
+        if not progress.task_id or progress.terminal or progress.task_id in self._stopped:
+            return
+        try:
+            async with asyncio.timeout(STOP_BOUND):
+                await self.stop(progress.task_id, user)
+            log.info("stopped Dify task %s (%s)", progress.task_id, reason)
+        except (DifyError, TimeoutError) as exc:
+            log.warning("could not stop Dify task %s (%s): %s", progress.task_id, reason, type(exc).__name__)
+
+    def _stop_later(self, progress: _Progress, user: str) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(self._stop(progress, user, reason="abandoned"))
+        except RuntimeError:  # no loop any more (interpreter shutdown): nothing to be done
+            return
+        self._stops.add(task)
+        task.add_done_callback(self._stops.discard)

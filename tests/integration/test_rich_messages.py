@@ -1,0 +1,276 @@
+"""Pictures, files and voice both ways, markdown and `<think>` handling, end to end: messages pushed by the fake
+DingTalk over the real SDK, files downloaded from it and uploaded to the fake Dify, Dify's images and files
+uploaded to the fake DingTalk's media store and shown in the card or sent after it. Nothing of ours is mocked."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dingdifyd.bridge.session import out_track_id
+from dingdifyd.dingtalk.stream import parse_incoming
+from dingdifyd.simulator.fake_dify import ANSWER_TAIL, TOOL_IMAGE, FakeDify, start_fake_dify
+from dingdifyd.simulator.fake_dingtalk import (
+    API_BATCH_SEND,
+    API_GROUP_SEND,
+    SAMPLE_PNG,
+    FakeCard,
+    FakeDingTalk,
+)
+from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, bot_entry, dify_key, running_bot, write_config
+
+pytestmark = pytest.mark.timeout(60)
+
+OTHER_PNG = SAMPLE_PNG[:-12] + b"\x00" * 4 + SAMPLE_PNG[-8:]  # different bytes, still a PNG by its header
+
+
+@pytest.fixture
+async def dingtalk() -> AsyncIterator[FakeDingTalk]:
+    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
+    fake.register_app(CLIENT_ID, CLIENT_SECRET)
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def dify() -> AsyncIterator[FakeDify]:
+    fake = await start_fake_dify(default_apps=True)
+    for key in list(fake.apps):
+        fake.configure(key, token_delay=0.002)
+    yield fake
+    await fake.close()
+
+
+def echo(query: str) -> str:
+    return f"Echo: {query} | {ANSWER_TAIL}"
+
+
+async def send(dingtalk: FakeDingTalk, data: dict[str, Any]) -> FakeCard:
+    dingtalk.push_message(CLIENT_ID, data)
+    message = parse_incoming(data)
+    assert message is not None
+    return await dingtalk.wait_card_final(out_track_id(message), timeout=20)
+
+
+def chat_bodies(dify: FakeDify, path: str = "/chat-messages") -> list[dict[str, Any]]:
+    return [request.json for request in dify.requests_to(path)]
+
+
+def uploads_in_order(dify: FakeDify, files: list[dict[str, Any]]) -> list[bytes]:
+    return [dify.uploads[f["upload_file_id"]].data for f in files]
+
+
+# --- in: what the person sends -----------------------------------------------------------------------------
+
+
+async def test_a_picture_without_text_is_asked_about_with_the_default_query(tmp_path, dingtalk, dify):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_message("picture", sender_staff_id="staff7"))
+    (body,) = chat_bodies(dify)
+    assert body["query"] == "Please describe this picture."
+    (file,) = body["files"]
+    assert file["type"] == "image" and file["transfer_method"] == "local_file"
+    uploaded = dify.uploads[file["upload_file_id"]]
+    assert uploaded.data == SAMPLE_PNG  # the bytes behind the downloadCode, through DingTalk's download URL
+    assert uploaded.name.endswith(".png") and uploaded.mime_type == "image/png"
+    assert uploaded.user == body["user"] == "dingtalk:dingcorp001:staff7"  # 0.6.x insists on the same user
+    assert card.final_content == echo("Please describe this picture.")
+
+
+async def test_rich_text_keeps_its_text_and_the_order_of_its_pictures(tmp_path, dingtalk, dify):
+    first, second = dingtalk.add_file(SAMPLE_PNG, content_type="image/png"), dingtalk.add_file(OTHER_PNG)
+    rich = [
+        {"text": "Compare this one:"},
+        {"pictureDownloadCode": "p1", "downloadCode": first, "type": "picture"},
+        {"text": "with this one."},
+        {"pictureDownloadCode": "p2", "downloadCode": second, "type": "picture"},
+    ]
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        await send(dingtalk, dingtalk.make_message("richText", content={"richText": rich}))
+        await send(dingtalk, dingtalk.make_message("richText", text="What is in it?"))  # one picture
+    several, one = chat_bodies(dify)
+    assert several["query"] == "Compare this one:\n[image 1]\nwith this one.\n[image 2]"
+    assert uploads_in_order(dify, several["files"]) == [SAMPLE_PNG, OTHER_PNG]
+    assert one["query"] == "What is in it?\nWhat is in it?"  # the sample's text parts: the given one, then its own
+    assert len(one["files"]) == 1
+
+
+async def test_a_file_goes_as_a_document_and_voice_as_its_recognised_text(tmp_path, dingtalk, dify):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        file_card = await send(dingtalk, dingtalk.make_message("file"))
+        voice_card = await send(dingtalk, dingtalk.make_message("audio", text="明天北京天气怎么样"))
+    file_body, voice_body = chat_bodies(dify)
+    assert file_body["query"] == "Please read the attached file."
+    (file,) = file_body["files"]
+    assert file["type"] == "document"
+    assert dify.uploads[file["upload_file_id"]].name == "notes.txt"
+    assert dify.uploads[file["upload_file_id"]].data == b"hello file\n"
+    assert file_card.final_content == echo("Please read the attached file.")
+    assert voice_body["query"] == "明天北京天气怎么样"
+    assert "files" not in voice_body
+    assert len(dify.uploads) == 1  # the voice recording itself is not uploaded
+    assert voice_card.final_content == echo("明天北京天气怎么样")
+
+
+async def test_files_the_app_does_not_take_get_a_clear_reply(tmp_path, dingtalk, dify):
+    dify.apps[dify_key("chatbot")].file_upload = False
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        rich = await send(dingtalk, dingtalk.make_message("richText", text="Look at this"))
+        asked = len(dify.requests_to("/parameters"))
+        picture = await send(dingtalk, dingtalk.make_message("picture"))
+        video = await send(dingtalk, dingtalk.make_message("video"))
+    assert picture.final_content == "This app does not accept files or pictures, so the picture was not passed on."
+    assert video.final_content == "This app does not accept files or pictures, so the video was not passed on."
+    assert not picture.failed
+    # with text, the text is still answered, and the person is told about the picture
+    (body,) = chat_bodies(dify)
+    assert "files" not in body
+    assert rich.final_content == (
+        echo("Look at this<br>What is in it?")  # the query's line break, as DingTalk shows one
+        + "\n\n⚠️ This app does not accept files or pictures, so the picture was not passed on."
+    )
+    assert dify.uploads == {}
+    assert len(dify.requests_to("/parameters")) == asked  # the app's file settings are cached
+
+
+async def test_a_video_refused_by_type_names_what_the_app_accepts(tmp_path, dingtalk, dify):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_message("video"))
+    assert card.final_content == (
+        "This app does not accept videos (the video was not passed on); it accepts pictures and documents."
+    )
+    assert dify.requests_to("/chat-messages") == []
+
+
+async def test_a_workflow_gets_the_file_in_its_file_input(tmp_path, dingtalk, dify):
+    app = dify.apps[dify_key("workflow")]
+    app.user_input_form = [
+        {"text-input": {"label": "query", "variable": "query", "required": True, "max_length": 256,
+                        "type": "text-input"}},
+        {"file": {"label": "doc", "variable": "doc", "required": False, "type": "file",
+                  "allowed_file_types": ["document"], "allowed_file_extensions": [],
+                  "allowed_file_upload_methods": ["local_file", "remote_url"]}},
+    ]
+    config = write_config(tmp_path / "c.yaml", dingtalk, dify, bots=[bot_entry(app_type="workflow")])
+    async with running_bot(config):
+        card = await send(dingtalk, dingtalk.make_message("file"))
+    (body,) = chat_bodies(dify, "/workflows/run")
+    doc = body["inputs"]["doc"]
+    assert doc["type"] == "document" and doc["transfer_method"] == "local_file"  # transcript 83's shape
+    assert dify.uploads[doc["upload_file_id"]].data == b"hello file\n"
+    assert body["inputs"]["query"] == "Please read the attached file."
+    assert "files" not in body
+    assert card.final_content == echo("Please read the attached file.")
+
+
+# --- out: what Dify gives back -----------------------------------------------------------------------------
+
+
+async def test_a_tool_image_from_dify_shows_in_the_card_as_dingtalk_media(tmp_path, dingtalk, dify):
+    dify.configure(dify_key("chatbot"), message_file=True)
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_text_message("draw a cat"))
+    (media,) = dingtalk.uploaded_media
+    assert media.data == TOOL_IMAGE and media.media_type == "image"
+    assert card.final_content == echo("draw a cat") + f"\n\n![image]({media.media_id})"
+
+
+async def test_a_markdown_image_with_a_relative_dify_url_reaches_dingtalk(tmp_path, dingtalk, dify):
+    url = dify.add_tool_file(SAMPLE_PNG)
+    answer = f"Here is the chart:\n\n![sales chart]({url})\n\nSales grew 12%."
+    dify.configure(dify_key("chatbot"), answer=answer)
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_text_message("chart please"))
+    (media,) = dingtalk.uploaded_media
+    assert media.data == SAMPLE_PNG and media.filename.endswith(".png")
+    assert card.final_content == f"Here is the chart:\n\n![sales chart]({media.media_id})\n\nSales grew 12%."
+    # no card update ever showed Dify's URL, which DingTalk could not have loaded
+    assert not any("/files/tools/" in content for content in card.contents)
+
+
+async def test_images_can_go_as_image_messages_after_the_card(tmp_path, dingtalk, dify):
+    dify.configure(dify_key("chatbot"), message_file=True)
+    config = write_config(tmp_path / "c.yaml", dingtalk, dify, image_delivery="message")
+    async with running_bot(config):
+        card = await send(dingtalk, dingtalk.make_text_message("draw a dog", group=True, conversation_id="cidG=="))
+        sent = await dingtalk.wait_for(lambda: dingtalk.sent_messages, what="the image message")
+    assert card.final_content == echo("draw a dog")
+    (message,) = sent
+    (media,) = dingtalk.uploaded_media
+    assert message.api == API_GROUP_SEND and message.body["openConversationId"] == "cidG=="
+    assert message.body["msgKey"] == "sampleImageMsg"
+    assert json.loads(message.body["msgParam"]) == {"photoURL": media.media_id}
+
+
+async def test_a_workflow_file_output_is_sent_as_a_file_after_the_card(tmp_path, dingtalk, dify):
+    pdf = b"%PDF-1.4 fake report\n"
+    dify.add_workflow_output_file(dify_key("workflow"), "report", pdf, filename="Q3 report.pdf",
+                                  mime_type="application/pdf")
+    config = write_config(tmp_path / "c.yaml", dingtalk, dify, bots=[bot_entry(app_type="workflow")])
+    async with running_bot(config):
+        card = await send(dingtalk, dingtalk.make_text_message("make the report", sender_staff_id="staff9"))
+        sent = await dingtalk.wait_for(lambda: dingtalk.sent_messages, what="the file message")
+    assert card.final_content == echo("make the report")
+    (media,) = dingtalk.uploaded_media
+    assert media.data == pdf and media.media_type == "file" and media.content_type == "application/pdf"
+    (message,) = sent
+    assert message.api == API_BATCH_SEND and message.body["userIds"] == ["staff9"]
+    assert message.body["msgKey"] == "sampleFile"
+    assert json.loads(message.body["msgParam"]) == {"mediaId": media.media_id, "fileName": "Q3 report.pdf",
+                                                     "fileType": "pdf"}
+
+
+# --- markdown and reasoning --------------------------------------------------------------------------------
+
+
+async def test_reasoning_never_shows_and_the_answer_is_adapted(tmp_path, dingtalk, dify):
+    answer = (
+        "<think>\nThe user wants a comparison. I will make a table.\n</think>\n\n"
+        "Comparison:\n| Plan | Price |\n|---|---|\n| Basic | free |\n| Pro | ¥99 |\nLine one\nLine two"
+    )
+    dify.configure(dify_key("chatbot"), answer=answer)
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_text_message("compare"))
+    assert card.final_content == "Comparison:\n\n- **Basic**: free\n- **Pro**: ¥99\n\nLine one<br>Line two"
+    assert len(card.contents) >= 2
+    assert not any("user wants" in content or "think>" in content for content in card.contents)
+
+
+async def test_reasoning_can_be_quoted(tmp_path, dingtalk, dify):
+    dify.configure(dify_key("chatbot"), answer="<think>Short and sweet.</think>Hello!")
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify, show_reasoning="quote")):
+        card = await send(dingtalk, dingtalk.make_text_message("hi"))
+    assert card.final_content == "> 💭 **Thinking**<br>Short and sweet.\n\nHello!"
+
+
+async def test_images_elsewhere_stay_and_inline_images_and_dify_links_are_made_usable(tmp_path, dingtalk, dify):
+    inline = "data:image/png;base64," + base64.b64encode(SAMPLE_PNG).decode()
+    answer = (
+        "Logo: ![logo](https://cdn.example.com/logo.png)\n\n"
+        f"Inline: ![dot]({inline})\n\n"
+        "Download [the report](/files/tools/r.pdf?sign=abc)."
+    )
+    dify.configure(dify_key("chatbot"), answer=answer)
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_text_message("show me"))
+    (media,) = dingtalk.uploaded_media
+    assert media.data == SAMPLE_PNG
+    assert card.final_content == (
+        "Logo: ![logo](https://cdn.example.com/logo.png)\n\n"
+        f"Inline: ![dot]({media.media_id})\n\n"
+        f"Download [the report]({dify.public_url}/files/tools/r.pdf?sign=abc)."
+    )
+
+
+async def test_a_file_name_in_chinese_reaches_dify_as_it_is(tmp_path, dingtalk, dify):
+    code = dingtalk.add_file(b"%PDF-1.4\n", content_type="application/pdf")
+    content = {"spaceId": "1", "fileName": "季度报告 Q3.pdf", "downloadCode": code, "fileId": "2"}
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        await send(dingtalk, dingtalk.make_message("file", content=content))
+    (uploaded,) = dify.uploads.values()
+    assert uploaded.name == "季度报告 Q3.pdf" and uploaded.extension == "pdf"
