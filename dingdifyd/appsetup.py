@@ -24,7 +24,16 @@ def key_path(daemon: DaemonConfig, bot: BotConfig) -> str:
 
 
 def dify_timeouts(bot: BotConfig) -> DifyTimeouts:
-    return DifyTimeouts(bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout)
+    return DifyTimeouts(
+        bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout, bot.dify_total_timeout
+    )
+
+
+def bot_client(bot: BotConfig, http: aiohttp.ClientSession) -> DifyClient:
+    return DifyClient(
+        base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,
+        session=http, input_variable=bot.dify_input_variable, timeouts=dify_timeouts(bot),
+    )  # fmt: skip
 
 
 def route_client(bot: BotConfig, route: RouteConfig, http: aiohttp.ClientSession) -> DifyClient:

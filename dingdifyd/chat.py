@@ -18,30 +18,38 @@ from typing import TextIO
 import aiohttp
 
 from dingdifyd import config as config_mod
+from dingdifyd.appsetup import bot_client, start_apps
+from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.models import SINGLE_CHAT, IncomingMessage
 from dingdifyd.bridge.service import BridgeService
-from dingdifyd.dify.client import DifyClient, DifyTimeouts
+from dingdifyd.dify.guarded import GuardedAnswers
 from dingdifyd.store import DiskStore
 
 log = logging.getLogger(__name__)
+PROMPT = "bot> "
 
 
 class TerminalCard:
-    """A card rendered on a terminal: prints only what is new, and marks the end."""
+    """A card rendered on a terminal: prints only what is new, and marks the end.
+
+    A card's text is replaced, not extended, when a progress line ("⏳ …") gives way to the answer, or when an
+    error note follows a partial answer: the terminal then starts a new line instead of rewriting the old one.
+    """
 
     def __init__(self, out: TextIO):
         self.out = out
         self.shown = ""
 
     async def open(self) -> None:
-        self.out.write("bot> ")
+        self.out.write(PROMPT)
         self.out.flush()
 
-    def _show(self, text: str) -> None:
+    def _show(self, card_text: str) -> None:
+        text = for_plain_reply(card_text)  # a terminal breaks lines at \n, not at the card's <br>
         if text.startswith(self.shown):
             self.out.write(text[len(self.shown) :])
-        else:  # replaced (moderation, or an error note after partial text)
-            self.out.write("\n[replaced]\n" + text)
+        else:
+            self.out.write(f"\n{PROMPT}{text}")
         self.shown = text
         self.out.flush()
 
@@ -53,10 +61,7 @@ class TerminalCard:
         self.out.write("\n\n")
         self.out.flush()
 
-    async def fail(self, text: str) -> None:
-        self._show(text)
-        self.out.write("\n\n")
-        self.out.flush()
+    fail = finish
 
 
 class TerminalReplies:
@@ -67,7 +72,7 @@ class TerminalReplies:
         return TerminalCard(self.out)
 
     async def plain_reply(self, message: IncomingMessage, markdown: str) -> None:
-        self.out.write(f"bot> {markdown}\n\n")
+        self.out.write(f"{PROMPT}{for_plain_reply(markdown)}\n\n")
 
 
 def run_chat(config_path: str, bot_name: str, user: str) -> int:
@@ -85,17 +90,14 @@ async def _chat(bot: config_mod.BotConfig, user: str, stdin: TextIO, out: TextIO
     # A store of its own: the terminal must not share de-dup records or contexts with a running daemon.
     state = Path(tempfile.mkdtemp(prefix="dingdifyd-chat-"))
     store = DiskStore(state)
-    timeouts = DifyTimeouts(bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout)
     out.write(
         f"Chatting with {bot.name} ({bot.dify_app_type} at {bot.dify_open_api_url}). "
         f"Type {bot.command_prefix}new for a new conversation, an empty line or Ctrl-D to quit.\n\n"
     )
     async with aiohttp.ClientSession() as http:
-        dify = DifyClient(
-            base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,
-            session=http, timeouts=timeouts, input_variable=bot.dify_input_variable,
-        )  # fmt: skip
-        bridge = BridgeService(bot=bot, store=store, answers=dify, replies=TerminalReplies(out))
+        # the daemon's own app setup: the same checks (key, app type) and the same guarded answer streams
+        apps = await start_apps(bot, bot_client(bot, http), http, where=f"bot {bot.name}", guard=GuardedAnswers)
+        bridge = BridgeService(bot=bot, store=store, apps=apps, replies=TerminalReplies(out))
         loop = asyncio.get_running_loop()
         while True:
             out.write("you> ")

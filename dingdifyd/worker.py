@@ -17,12 +17,11 @@ from multiprocessing.connection import Connection
 import aiohttp
 
 from dingdifyd.adoption import tend_shared_store
-from dingdifyd.appsetup import key_path, start_apps
+from dingdifyd.appsetup import bot_client, key_path, start_apps
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.config import BotConfig, DaemonConfig
 from dingdifyd.delivery_watch import LATE_AFTER, DeliveryWatch
-from dingdifyd.dify.client import DifyClient, DifyTimeouts
 from dingdifyd.dify.guarded import GuardedAnswers
 from dingdifyd.dingtalk.accounting import ApiAccounting
 from dingdifyd.dingtalk.api import DingTalkApi
@@ -96,19 +95,14 @@ class BotRuntime:
                 scheduler = self.scheduler = CardScheduler(
                     bot.dingtalk_card_qps, pacing=accounting.pacing, **self._card_backoff
                 )
-                dify = DifyClient(
-                    base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,
-                    session=http, input_variable=bot.dify_input_variable,
-                    timeouts=DifyTimeouts(bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout,
-                                          bot.dify_total_timeout),
-                )  # fmt: skip
                 # the bot's Dify apps (its own, its routes'), checked before any message is taken: exit 78 when wrong
-                routes = await start_apps(bot, dify, http, where=key_path(self.daemon, bot), guard=GuardedAnswers)
-                self.bridge = BridgeService(
-                    bot=bot, store=store, answers=GuardedAnswers(dify),
-                    replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id), routes=routes,
-                    files=DingTalkFiles(api), scheduler=scheduler,
+                apps = await start_apps(
+                    bot, bot_client(bot, http), http, where=key_path(self.daemon, bot), guard=GuardedAnswers
                 )
+                self.bridge = BridgeService(
+                    bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id),
+                    files=DingTalkFiles(api), scheduler=scheduler,
+                )  # fmt: skip
                 self.connection = StreamConnection(
                     client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
                     api_base=bot.dingtalk_api_base, session=http, on_message=self._on_message,

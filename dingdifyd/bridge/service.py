@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 from dingdifyd.bridge import intake, session
 from dingdifyd.bridge.access import AccessPolicy
-from dingdifyd.bridge.apps import AppRouter, DifyApp
+from dingdifyd.bridge.apps import AppRouter
 from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.commands import ChatCommands
 from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.models import IncomingMessage
-from dingdifyd.bridge.ports import AnswerSource, MessageFiles, ReplyChannel
+from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
 from dingdifyd.bridge.progress import with_suggestions
 from dingdifyd.bridge.rich import RichAnswer
 from dingdifyd.bridge.running import AnswerTurn, RunningAnswers, stopped_text
@@ -56,10 +56,9 @@ class BridgeService:
         *,
         bot: BotConfig,
         store: Store,
-        answers: AnswerSource,
+        apps: AppRouter,
         replies: ReplyChannel,
         clock: Callable[[], float] = time.monotonic,
-        routes: AppRouter | None = None,
         files: MessageFiles | None = None,
         scheduler: CardScheduler | None = None,
     ):
@@ -70,14 +69,11 @@ class BridgeService:
         # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
         self.files = files
         self.incoming = IncomingFiles(bot=bot, dingtalk=files, clock=clock)
-        # which Dify app answers a message (`routes:`); without a router, `answers` answers everything (its
-        # settings are those of the client it guards, when it is a guard like GuardedAnswers)
-        client = getattr(answers, "client", answers)
-        self.apps = routes or AppRouter.from_config(bot, client, answers=answers)
+        # which Dify app answers a message: the bot's own, or a route's (`routes:`)
+        self.apps = apps
         self.access = AccessPolicy.from_bot(bot)
         self.running = RunningAnswers()
         self.commands = ChatCommands(bot.command_prefix, store, self.running)
-        self.answers = answers
         self.replies = replies
         self.clock = clock
         self.policy = UpdatePolicy(interval=bot.card_update_interval, min_chars=bot.card_update_min_chars)
@@ -247,24 +243,17 @@ class BridgeService:
         if question.reply is not None:
             await streamer.finish(question.reply)
             return "answered"
-        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
-        try:
-            return await self._respond_richly(message, streamer, app, key, user, question, rich)
-        finally:
-            await rich.aclose()
-
-    async def _respond_richly(
-        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, user: str,
-        question: Question, rich: RichAnswer,
-    ) -> str:
-        text = question.query
         show = streamer.set_text if self.bot.show_progress else None
         turn = AnswerTurn(app=app, session_key=key, user=user, show=show)
-        with self.running.track(turn):  # what /stop finds
-            answer = await self._ask_dify(message, text, streamer, turn, question=question, rich=rich)
-        final = await self._final_text(turn, await rich.final(answer)) or EMPTY_ANSWER
-        await streamer.finish(_with_notes(final, question.notes))
-        await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
+        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        try:
+            with self.running.track(turn):  # what /stop finds
+                answer = await self._ask_dify(message, question, streamer, turn, rich)
+            final = await self._final_text(turn, await rich.final(answer)) or EMPTY_ANSWER
+            await streamer.finish(_with_notes(final, question.notes))
+            await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
+        finally:
+            await rich.aclose()
         return "answered"
 
     async def _final_text(self, turn: AnswerTurn, answer: str) -> str:
@@ -277,44 +266,38 @@ class BridgeService:
         return answer
 
     async def _ask_dify(
-        self, message: IncomingMessage, text: str, streamer: CardStreamer, turn: AnswerTurn, *,
-        question: Question | None = None, rich: RichAnswer | None = None,
+        self, message: IncomingMessage, question: Question, streamer: CardStreamer, turn: AnswerTurn, rich: RichAnswer
     ) -> str:
-        key = turn.session_key
-        conversation_id = self.store.get_conversation(key)
-        extra = {"question": question, "rich": rich}
+        conversation_id = self.store.get_conversation(turn.session_key)
         try:
-            return await self._stream(message, text, key, conversation_id, streamer, turn, **extra)
+            return await self._stream(message, question, conversation_id, streamer, turn, rich)
         except ConversationNotFound:
             if conversation_id is None:
                 raise
             # expired or deleted on the Dify side: start afresh, once
             log.info("message %s: conversation expired on the Dify side; starting a new one", message.msg_id)
-            self.store.forget_conversation(key)
-            return await self._stream(message, text, key, None, streamer, turn, **extra)
+            self.store.forget_conversation(turn.session_key)
+            return await self._stream(message, question, None, streamer, turn, rich)
 
     async def _stream(
         self,
         message: IncomingMessage,
-        text: str,
-        key: str,
+        question: Question,
         conversation_id: str | None,
         streamer: CardStreamer,
         turn: AnswerTurn,
-        *,
-        question: Question | None = None,
-        rich: RichAnswer | None = None,
+        rich: RichAnswer,
     ) -> str:
-        view = rich.view if rich is not None else str
         answer = ""
+        key = turn.session_key
         remembered = conversation_id
         ttl = self.bot.conversation_ttl
         stream = turn.app.answers.stream_answer(
-            query=text,
+            query=question.query,
             user=turn.user,
             conversation_id=conversation_id,
-            inputs={**await turn.app.inputs_for(message), **(question.inputs if question else {})},
-            files=question.files if question and question.files else None,
+            inputs={**await turn.app.inputs_for(message), **question.inputs},
+            files=question.files or None,
         )
         # the turn records the task id (/stop), shows progress until the text starts, and ends early when stopped
         async for event in turn.events(stream):
@@ -322,14 +305,14 @@ class BridgeService:
                 # remember at once: even if this answer fails later, the next message continues the conversation
                 self.store.set_conversation(key, event.conversation_id, ttl)
                 remembered = event.conversation_id
-            if rich is not None and isinstance(event, MessageFile | WorkflowFinished):
+            if isinstance(event, MessageFile | WorkflowFinished):
                 rich.see(event)  # images and files beside the text
             if isinstance(event, TextDelta):
                 answer += event.text
-                streamer.set_text(view(answer))
+                streamer.set_text(rich.view(answer))
             elif isinstance(event, TextReplace):
                 answer = event.text
-                streamer.set_text(view(answer))
+                streamer.set_text(rich.view(answer))
             elif isinstance(event, WorkflowFinished) and not answer:
                 answer = text_from_outputs(event.outputs)
             elif isinstance(event, MessageEnd):
