@@ -10,13 +10,18 @@ from typing import Any
 
 from dingdifyd import config
 from dingdifyd.simulator import configfile
-from dingdifyd.simulator.fake_dify import FakeDify
+from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
 from dingdifyd.worker import BotRuntime
 
 CLIENT_ID = "dingbridgetest"
 CLIENT_SECRET = "dt-secret-NEVER-LOGGED-1234567890"
 TEMPLATE = "tpl-bridge.schema"
+
+
+def echo(query: str) -> str:
+    """The fake Dify's default answer to `query`."""
+    return f"Echo: {query} | {ANSWER_TAIL}"
 
 
 def dify_key(app_type: str) -> str:
@@ -57,10 +62,11 @@ def bot_entry(name: str = "helpdesk", app_type: str = "chatbot", **overrides: An
 
 
 @contextlib.asynccontextmanager
-async def running_bot(config_path: Path, name: str = "helpdesk") -> AsyncIterator[BotRuntime]:
-    """Run one bot's runtime in this event loop, connected to the fake DingTalk, and stop it gracefully."""
+async def running_bot(config_path: Path, name: str = "helpdesk", **runtime_options: Any) -> AsyncIterator[BotRuntime]:
+    """Run one bot's runtime in this event loop, connected to the fake DingTalk, and stop it gracefully.
+    `runtime_options` go to BotRuntime (test knobs such as a shorter card back-off)."""
     loaded = config.load(config_path, environ={})
-    runtime = BotRuntime(loaded.bot(name), loaded)
+    runtime = BotRuntime(loaded.bot(name), loaded, **runtime_options)
     task = asyncio.create_task(runtime.run())
     connected = asyncio.create_task(runtime.connected.wait())
     await asyncio.wait({task, connected}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
@@ -74,6 +80,6 @@ async def running_bot(config_path: Path, name: str = "helpdesk") -> AsyncIterato
         yield runtime
     finally:
         runtime.request_stop()
-        done, _ = await asyncio.wait({task}, timeout=15)
+        done, _ = await asyncio.wait({task}, timeout=30)
         assert task in done, "the bot did not stop"
         task.result()

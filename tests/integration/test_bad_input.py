@@ -20,21 +20,12 @@ from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import CHATBOT_TOPIC, FakeCard, FakeDingTalk
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot, write_config
+from tests.integration.harness import CLIENT_ID, dify_key, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(90)
 WAIT = 20.0
 FRAME_CASES = 120
 SSE_CASES = 20
-
-
-@pytest.fixture
-async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
 
 
 @pytest.fixture

@@ -64,15 +64,6 @@ class Daemon:
 
 
 @pytest.fixture
-async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
 async def dify() -> AsyncIterator[FakeDify]:
     fake = await start_fake_dify(default_apps=True)
     fake.configure(dify_key("chatbot"), token_delay=0.002, mention_turn=True)

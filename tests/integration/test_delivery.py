@@ -6,28 +6,24 @@ SDK, the fake DingTalk and the fake Dify; nothing of ours is mocked."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dingdifyd import config
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.cards import BUILTIN_TEMPLATE_ID
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator import fake_dingtalk as fd
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify, start_fake_dify
+from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.store import DiskStore
-from dingdifyd.worker import BotRuntime
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, write_config
+from tests.integration.harness import CLIENT_ID, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,45 +33,11 @@ FAST_BACKOFF = {"hold_base": 0.05, "hold_cap": 0.2, "retry_base": 0.02, "retry_c
 
 
 @pytest.fixture
-async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)  # rate_limit: DingTalk's real 20/s per API
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
 async def dify() -> AsyncIterator[FakeDify]:
     fake = await start_fake_dify(default_apps=True)
     fake.configure(dify_key("chatbot"), token_delay=0.005)
     yield fake
     await fake.close()
-
-
-@contextlib.asynccontextmanager
-async def running(config_path: Path, **runtime_options: Any) -> AsyncIterator[BotRuntime]:
-    """The bot's runtime in this event loop (as tests/integration/harness.running_bot), with runtime options."""
-    loaded = config.load(config_path, environ={})
-    runtime = BotRuntime(loaded.bot("helpdesk"), loaded, **runtime_options)
-    task = asyncio.create_task(runtime.run())
-    connected = asyncio.create_task(runtime.connected.wait())
-    await asyncio.wait({task, connected}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    if not connected.done():
-        connected.cancel()
-        task.cancel()
-        raise AssertionError("the bot did not connect to the fake DingTalk")
-    try:
-        yield runtime
-    finally:
-        runtime.request_stop()
-        done, _ = await asyncio.wait({task}, timeout=30)
-        assert task in done, "the bot did not stop"
-        task.result()
-
-
-def echo(query: str) -> str:
-    return f"Echo: {query} | {ANSWER_TAIL}"
 
 
 def push(dingtalk: FakeDingTalk, text: str, **kwargs: Any) -> str:
@@ -107,7 +69,7 @@ async def test_fifty_simultaneous_conversations_stay_under_the_limit_and_every_c
 ):
     caplog.set_level(logging.INFO)
     dify.configure(dify_key("chatbot"), token_delay=0.02)  # each answer streams for about half a second
-    async with running(write_config(tmp_path / "c.yaml", dingtalk, dify)) as runtime:
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)) as runtime:
         questions = [f"question {i}" for i in range(50)]
         tracks = [
             push(dingtalk, q, sender_staff_id=f"user{i:02d}", group=i % 5 == 0, conversation_id=f"cidG{i}==")
@@ -127,7 +89,7 @@ async def test_fifty_simultaneous_conversations_stay_under_the_limit_and_every_c
 
 async def test_rate_limit_and_server_error_bursts_on_card_updates_are_recovered(tmp_path, dingtalk, dify):
     dify.configure(dify_key("chatbot"), token_delay=0.02)
-    async with running(write_config(tmp_path / "c.yaml", dingtalk, dify), card_backoff=FAST_BACKOFF) as runtime:
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify), card_backoff=FAST_BACKOFF) as runtime:
         dingtalk.fail_next(fd.API_CARD_STREAMING, 3, status=403, code=fd.QPS_LIMIT_CODE)
         dingtalk.fail_next(fd.API_CARD_STREAMING, 3, status=500, code="system.busy")
         questions = [f"burst {i}" for i in range(5)]
@@ -142,7 +104,7 @@ async def test_rate_limit_and_server_error_bursts_on_card_updates_are_recovered(
 
 
 async def test_a_final_update_that_keeps_failing_goes_out_as_a_markdown_reply(tmp_path, dingtalk, dify):
-    async with running(write_config(tmp_path / "c.yaml", dingtalk, dify), card_backoff=FAST_BACKOFF):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify), card_backoff=FAST_BACKOFF):
         dingtalk.fail_next(fd.API_CARD_STREAMING, 100, status=500, code="system.busy")
         track = push(dingtalk, "unlucky")
         (reply,) = await dingtalk.wait_webhook_replies(1, timeout=30)
@@ -155,10 +117,10 @@ async def test_a_final_update_that_keeps_failing_goes_out_as_a_markdown_reply(tm
 
 async def test_call_counts_survive_a_restart(tmp_path, dingtalk, dify):
     path = write_config(tmp_path / "c.yaml", dingtalk, dify)
-    async with running(path) as runtime:
+    async with running_bot(path) as runtime:
         await ask(dingtalk, "before restart")
     first_run = card_calls(dingtalk)
-    async with running(path) as runtime:
+    async with running_bot(path) as runtime:
         assert runtime.accounting is not None
         assert runtime.accounting.month == first_run
         await ask(dingtalk, "after restart")
@@ -169,7 +131,7 @@ async def test_call_counts_survive_a_restart(tmp_path, dingtalk, dify):
 async def test_a_used_budget_leaves_only_the_final_answer(tmp_path, dingtalk, dify, caplog):
     dify.configure(dify_key("chatbot"), token_delay=0.03)  # slow: without a budget it would update many times
     path = write_config(tmp_path / "c.yaml", dingtalk, dify, dingtalk_api_monthly_budget=1)
-    async with running(path):
+    async with running_bot(path):
         card = await ask(dingtalk, "budget gone")
     assert card.contents == [echo("budget gone")]  # creating it used the budget up: no text until the final
     assert warnings(caplog, "the monthly budget is used up")
@@ -181,7 +143,7 @@ async def test_a_nearly_used_budget_sends_the_first_text_and_the_final_answer_on
     store = DiskStore(tmp_path / "state" / "helpdesk")
     store.incr(f"dingtalk-calls/month/{datetime.now():%Y-%m}", 960)  # 40 left: within the last 5 %
     store.close()
-    async with running(path):
+    async with running_bot(path):
         card = await ask(dingtalk, "nearly gone")
     assert len(card.contents) == 2
     assert card.contents[-1] == echo("nearly gone")
@@ -192,7 +154,7 @@ async def test_a_nearly_used_budget_sends_the_first_text_and_the_final_answer_on
 
 @pytest.mark.parametrize("code", ["param.templateNotExist", "param.templateUnpublished"])
 async def test_a_refused_template_falls_back_to_the_builtin_card_template(tmp_path, dingtalk, dify, caplog, code):
-    async with running(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         dingtalk.fail_next(fd.API_CREATE_AND_DELIVER, 1, status=400, code=code)
         first = await ask(dingtalk, "first", sender_staff_id="u1")
         second = await ask(dingtalk, "second", sender_staff_id="u2")
@@ -207,7 +169,7 @@ async def test_a_refused_template_falls_back_to_the_builtin_card_template(tmp_pa
 
 async def test_no_card_template_at_all_answers_with_a_markdown_reply(tmp_path, dingtalk, dify, caplog):
     dingtalk.templates = set()  # neither the configured template nor the built-in one exists here
-    async with running(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         push(dingtalk, "no cards here")
         (reply,) = await dingtalk.wait_webhook_replies(1, timeout=30)
     assert reply.msgtype == "markdown"
@@ -222,7 +184,7 @@ async def test_without_card_permission_answers_go_by_webhook_and_the_log_says_wh
     tmp_path, dingtalk, dify, caplog
 ):
     dingtalk.deny_scopes(CLIENT_ID, "Card.Instance.Write")
-    async with running(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         push(dingtalk, "one", sender_staff_id="u1")
         await dingtalk.wait_webhook_replies(1, timeout=30)
         push(dingtalk, "two", group=True, sender_staff_id="u2")
@@ -237,7 +199,7 @@ async def test_without_card_permission_answers_go_by_webhook_and_the_log_says_wh
 @pytest.mark.parametrize("how", ["expired", "refused"])
 async def test_a_dead_webhook_sends_the_answer_through_the_robot_send_api(tmp_path, dingtalk, dify, group, how):
     dingtalk.deny_scopes(CLIENT_ID, "Card.Instance.Write")  # no card: the answer must go as a message
-    async with running(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         past = int(time.time() * 1000) - 1000
         data = dingtalk.make_text_message(
             "late answer", group=group, sender_staff_id="staff9", conversation_id="cidTEAM9==",

@@ -26,15 +26,6 @@ WAIT = 20.0
 
 
 @pytest.fixture
-async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
 async def dify() -> AsyncIterator[FakeDify]:
     fake = await start_fake_dify(default_apps=True)
     fake.configure(dify_key("chatbot"), token_delay=0.002, slow_token_delay=0.05)  # "slow": 40 words, ~2 s

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,34 +17,12 @@ from dingdifyd.errors import ConfigError
 from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.worker import BotRuntime
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, bot_entry, dify_key, running_bot, write_config
+from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
 # the fake model's silence before its first text: long enough for the step line to show (after 0.5 s)
 PROGRESS_LATENCY = 1.0
-
-
-@pytest.fixture
-async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def dify() -> AsyncIterator[FakeDify]:
-    fake = await start_fake_dify(default_apps=True)
-    for key in list(fake.apps):
-        fake.configure(key, token_delay=0.002)
-    yield fake
-    await fake.close()
-
-
-def echo(query: str) -> str:
-    return f"Echo: {query} | {ANSWER_TAIL}"
 
 
 def push(dingtalk: FakeDingTalk, text: str, **kwargs) -> str:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, TOOL_IMAGE, FakeDify, start_fake_dify
+from dingdifyd.simulator.fake_dify import TOOL_IMAGE, FakeDify
 from dingdifyd.simulator.fake_dingtalk import (
     API_BATCH_SEND,
     API_GROUP_SEND,
@@ -21,33 +20,11 @@ from dingdifyd.simulator.fake_dingtalk import (
     FakeCard,
     FakeDingTalk,
 )
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, bot_entry, dify_key, running_bot, write_config
+from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
 OTHER_PNG = SAMPLE_PNG[:-12] + b"\x00" * 4 + SAMPLE_PNG[-8:]  # different bytes, still a PNG by its header
-
-
-@pytest.fixture
-async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def dify() -> AsyncIterator[FakeDify]:
-    fake = await start_fake_dify(default_apps=True)
-    for key in list(fake.apps):
-        fake.configure(key, token_delay=0.002)
-    yield fake
-    await fake.close()
-
-
-def echo(query: str) -> str:
-    return f"Echo: {query} | {ANSWER_TAIL}"
 
 
 async def send(dingtalk: FakeDingTalk, data: dict[str, Any]) -> FakeCard:

@@ -1,0 +1,32 @@
+"""The simulators every end-to-end test talks to. A test module that needs other settings overrides a fixture."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from tests.integration.harness import CLIENT_ID, CLIENT_SECRET
+
+
+@pytest.fixture
+async def dingtalk() -> AsyncIterator[FakeDingTalk]:
+    """A fake DingTalk with the test app registered, at DingTalk's real 20 calls/s per API; no pings, no
+    redelivery unless a test asks for one."""
+    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
+    fake.register_app(CLIENT_ID, CLIENT_SECRET)
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def dify() -> AsyncIterator[FakeDify]:
+    """A fake Dify with one app of each type (keys `app-fake-<type>`), answering fast."""
+    fake = await start_fake_dify(default_apps=True)
+    for key in list(fake.apps):
+        fake.configure(key, token_delay=0.002)
+    yield fake
+    await fake.close()
