@@ -246,6 +246,7 @@ class BridgeService:
         show = streamer.set_text if self.bot.show_progress else None
         turn = AnswerTurn(app=app, session_key=key, user=user, show=show)
         rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        streamer.render_with(rich.view)
         try:
             with self.running.track(turn):  # what /stop finds
                 answer = await self._ask_dify(message, question, streamer, turn, rich)
@@ -309,10 +310,10 @@ class BridgeService:
                 rich.see(event)  # images and files beside the text
             if isinstance(event, TextDelta):
                 answer += event.text
-                streamer.set_text(rich.view(answer))
+                streamer.set_text(answer)
             elif isinstance(event, TextReplace):
                 answer = event.text
-                streamer.set_text(rich.view(answer))
+                streamer.set_text(answer)
             elif isinstance(event, WorkflowFinished) and not answer:
                 answer = text_from_outputs(event.outputs)
             elif isinstance(event, MessageEnd):

@@ -58,8 +58,10 @@ class CardStreamer:
         self._clock = clock
         # Without a shared scheduler (the terminal chat) the card still gets one, unlimited, of its own.
         self._scheduler = scheduler if scheduler is not None else CardScheduler(clock=clock)
-        self._text = ""
+        self._text = ""  # as the bridge set it: the raw answer so far, rendered only when a turn sends it
+        self._render: Callable[[str], str] = str
         self._sent = ""
+        self._shown = ""  # the rendered text the card shows
         self._sent_at: float | None = None
         self._opened: bool | None = None  # None: not yet; False: given up on the card
         self._open_wanted = False
@@ -80,7 +82,13 @@ class CardStreamer:
 
     @property
     def text(self) -> str:
-        return self._text
+        """What the card shows, or is about to: the final text once ended, else the answer so far, rendered."""
+        return self._text if self.closed else self._render(self._text)
+
+    def render_with(self, render: Callable[[str], str]) -> None:
+        """Turn the raw text into card text only when an update is made: an answer grows token by token, and
+        rendering each token's version (markdown adaptation is linear in the text) would be quadratic."""
+        self._render = render
 
     @property
     def card_open(self) -> bool:
@@ -176,6 +184,13 @@ class CardStreamer:
     async def take_turn(self) -> TurnOutcome:
         """Called by the scheduler: make this card's next call with the newest text."""
         call = self._next_call()
+        if call is _Call.UPDATE:
+            shown = self._render(self._text)
+            if not shown or shown == self._shown:
+                # nothing new to show (e.g. an image link still being written): no call, no quota spent
+                self._sent = self._text
+                self._reschedule()
+                return TurnOutcome.IDLE
         if call is None:
             return TurnOutcome.IDLE
         self._in_turn = True
@@ -213,8 +228,9 @@ class CardStreamer:
             self._settle(True)
         else:
             snapshot = self._text
-            await self._card.update(snapshot)
-            self._sent, self._sent_at = snapshot, self._clock()
+            shown = self._render(snapshot)
+            await self._card.update(shown)
+            self._sent, self._shown, self._sent_at = snapshot, shown, self._clock()
             self.updates_sent += 1
 
     def _failed(self, call: _Call, exc: Exception) -> TurnOutcome:

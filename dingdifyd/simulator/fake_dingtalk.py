@@ -101,7 +101,6 @@ class StreamUpdate:
     is_finalize: bool
     is_error: bool
     guid: str
-    at: float = field(default_factory=time.monotonic)  # when it arrived, for the latency benchmark
 
 
 @dataclass
@@ -118,6 +117,7 @@ class FakeCard:
     finalized: bool = False  # a streaming call with isFinalize was accepted
     error: bool = False  # a streaming call with isError was accepted
     shown: dict[str, str] = field(default_factory=dict)  # what each variable shows now (data or stream)
+    first_text_at: float | None = None  # when the card first showed answer text (time.monotonic())
 
     @property
     def flow_status(self) -> str | None:
@@ -634,6 +634,8 @@ class FakeDingTalk:
         self._changed = asyncio.Event()
 
     def _card_changed(self, card: FakeCard) -> None:
+        if card.first_text_at is None and card.text:
+            card.first_text_at = time.monotonic()
         self._touch()
         for listener in self._card_listeners:
             try:
