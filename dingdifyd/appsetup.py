@@ -29,6 +29,12 @@ def dify_timeouts(bot: BotConfig) -> DifyTimeouts:
     )
 
 
+def dify_session() -> aiohttp.ClientSession:
+    """The HTTP session for Dify: no cap on connections, since every answer in flight holds one for its whole
+    stream (aiohttp's default cap of 100 would queue the 101st conversation, and time it out)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
 def bot_client(bot: BotConfig, http: aiohttp.ClientSession) -> DifyClient:
     return DifyClient(
         base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,

@@ -15,10 +15,8 @@ import uuid
 from pathlib import Path
 from typing import TextIO
 
-import aiohttp
-
 from dingdifyd import config as config_mod
-from dingdifyd.appsetup import bot_client, start_apps
+from dingdifyd.appsetup import bot_client, dify_session, start_apps
 from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.models import SINGLE_CHAT, IncomingMessage
 from dingdifyd.bridge.service import BridgeService
@@ -94,7 +92,7 @@ async def _chat(bot: config_mod.BotConfig, user: str, stdin: TextIO, out: TextIO
         f"Chatting with {bot.name} ({bot.dify_app_type} at {bot.dify_open_api_url}). "
         f"Type {bot.command_prefix}new for a new conversation, an empty line or Ctrl-D to quit.\n\n"
     )
-    async with aiohttp.ClientSession() as http:
+    async with dify_session() as http:
         # the daemon's own app setup: the same checks (key, app type) and the same guarded answer streams
         apps = await start_apps(bot, bot_client(bot, http), http, where=f"bot {bot.name}", guard=GuardedAnswers)
         bridge = BridgeService(bot=bot, store=store, apps=apps, replies=TerminalReplies(out))

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 import aiohttp
 
 from dingdifyd.adoption import tend_shared_store
-from dingdifyd.appsetup import bot_client, key_path, start_apps
+from dingdifyd.appsetup import bot_client, dify_session, key_path, start_apps
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.config import BotConfig, DaemonConfig
@@ -84,7 +84,8 @@ class BotRuntime:
         bot = self.bot
         store = self.store = open_store(bot.store, bot.state_dir, bot.name)
         try:
-            async with aiohttp.ClientSession() as http:
+            # two sessions: long Dify streams must never hold up DingTalk's short calls (cards, files)
+            async with aiohttp.ClientSession() as http, dify_session() as dify_http:
                 # every DingTalk call counted (per day and month, in the store); card calls share one scheduler
                 accounting = self.accounting = ApiAccounting(store, monthly_budget=bot.dingtalk_api_monthly_budget)
                 api = DingTalkApi(
@@ -97,7 +98,7 @@ class BotRuntime:
                 )
                 # the bot's Dify apps (its own, its routes'), checked before any message is taken: exit 78 when wrong
                 apps = await start_apps(
-                    bot, bot_client(bot, http), http, where=key_path(self.daemon, bot), guard=GuardedAnswers
+                    bot, bot_client(bot, dify_http), dify_http, where=key_path(self.daemon, bot), guard=GuardedAnswers
                 )
                 self.bridge = BridgeService(
                     bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id),
@@ -144,6 +145,8 @@ class BotRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await stream
             await bridge.drain(self.daemon.stop_timeout)
+            if self.accounting is not None:
+                self.accounting.flush()
             log.info("stopped (%d answered, %d failed)", bridge.answered, bridge.failed)
             return EX_OK
         except (DingTalkAuthError, DifyAuthError) as exc:

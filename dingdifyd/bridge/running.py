@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from dingdifyd.bridge.progress import progress_line
 from dingdifyd.dify.events import DifyEvent, MessageEnd, TextDelta, TextReplace, WorkflowFinished
@@ -30,8 +30,23 @@ STOPPED = "⏹️ Stopped."
 PROGRESS_AFTER = 0.5
 
 
-async def _next_event(iterator: AsyncIterator[DifyEvent]) -> DifyEvent:
-    return await iterator.__anext__()
+_END = object()  # the stream ended, or the turn was stopped
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+async def _pump(stream: AsyncIterator[DifyEvent], queue: asyncio.Queue[object]) -> None:
+    """Read the stream in a task of its own, so that a stop can end the answer while Dify is silent."""
+    try:
+        async for event in stream:
+            queue.put_nowait(event)
+    except Exception as exc:
+        queue.put_nowait(_Failed(exc))
+    else:
+        queue.put_nowait(_END)
 
 
 class AnswerTurn:
@@ -50,7 +65,7 @@ class AnswerTurn:
         self._started = asyncio.get_running_loop().time()
         self._progress_timer: asyncio.TimerHandle | None = None
         self._stop_requested = False
-        self._step: asyncio.Task[DifyEvent] | None = None
+        self._queue: asyncio.Queue[object] | None = None
 
     def observe(self, event: DifyEvent) -> None:
         if event.task_id and not self.task_id:
@@ -88,24 +103,16 @@ class AnswerTurn:
 
     async def events(self, stream: AsyncIterator[DifyEvent]) -> AsyncIterator[DifyEvent]:
         """The stream's events, observed; ends early, without waiting for Dify, once the turn is stopped."""
-        iterator = stream.__aiter__()
+        queue = self._queue = asyncio.Queue()
+        pump = asyncio.create_task(_pump(stream, queue), name="dify-stream")
         try:
             while not self._stop_requested:
-                step = asyncio.ensure_future(_next_event(iterator))
-                self._step = step
-                try:
-                    await asyncio.wait({step})
-                except asyncio.CancelledError:
-                    step.cancel()
-                    raise
-                finally:
-                    self._step = None
-                if step.cancelled():
-                    return  # request_stop() cancelled the wait for the next event
-                try:
-                    event = step.result()
-                except StopAsyncIteration:
+                item = await queue.get()
+                if item is _END:
                     return
+                if isinstance(item, _Failed):
+                    raise item.error
+                event = cast(DifyEvent, item)
                 self.observe(event)
                 yield event
         except Exception:
@@ -115,12 +122,16 @@ class AnswerTurn:
             raise
         finally:
             self._cancel_progress()
+            self._queue = None
+            pump.cancel()  # closes the response when the turn ends before the stream does
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
 
     def request_stop(self) -> None:
         self._stop_requested = True
         self._cancel_progress()
-        if self._step is not None:
-            self._step.cancel()
+        if self._queue is not None:
+            self._queue.put_nowait(_END)
 
     async def stop(self) -> None:
         """Stop the run at Dify (when its task id is known) and end this answer's stream: Dify's own end of

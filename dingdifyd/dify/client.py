@@ -251,7 +251,7 @@ class DifyClient:
         No API key is sent: the signature is the credential, and the URL may name another host (FILES_URL)."""
         what = "GET a Dify file"
         timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect, sock_read=None
+            total=None, sock_connect=self.timeouts.connect, sock_read=None
         )
         data = bytearray()
         async with (
@@ -323,7 +323,7 @@ class DifyClient:
             headers["Content-Type"] = "application/json"
             data = json.dumps(json_body if json_body is not None else {})
         timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect, sock_read=None
+            total=None, sock_connect=self.timeouts.connect, sock_read=None
         )
         async with self._io(
             f"{method} {path}", self.timeouts.first_byte, waiting_for="response headers", deadline=deadline

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from dingdifyd.dingtalk.accounting import ApiAccounting, budget_pacing
+from dingdifyd.dingtalk.accounting import FLUSH_AT, ApiAccounting, budget_pacing
 from dingdifyd.store import DiskStore
 from dingdifyd.supervisor.backoff import Backoff
 from dingdifyd.supervisor.child import ParentChannel
@@ -82,6 +82,7 @@ def test_counts_per_day_and_month_survive_a_restart(tmp_path):
     for api in ("card.createAndDeliver", "card.streaming", "card.streaming"):
         accounting.record(api)
     assert (accounting.today, accounting.month) == (3, 3)
+    accounting.flush()  # the bot process stopping
     store.close()
     store = DiskStore(tmp_path)  # a new process on the same state directory
     again = ApiAccounting(store, now=when)
@@ -92,6 +93,25 @@ def test_counts_per_day_and_month_survive_a_restart(tmp_path):
     when.moment = datetime(2026, 4, 1, 0, 1)  # a new month
     again.record("card.streaming")
     assert (again.today, again.month) == (1, 1)
+    store.close()
+
+
+def test_counts_reach_the_store_in_batches_by_time_and_by_number(tmp_path):
+    when = Calendar(datetime(2026, 3, 14, 10, 0))
+    store = DiskStore(tmp_path)
+    accounting = ApiAccounting(store, now=when)
+    accounting.record("card.streaming")
+    assert store.counter("dingtalk-calls/day/2026-03-14") == 0  # not one store write per call
+    when.moment = datetime(2026, 3, 14, 10, 0, 6)  # FLUSH_EVERY later
+    accounting.record("card.streaming")
+    assert store.counter("dingtalk-calls/day/2026-03-14") == 2
+    for _ in range(FLUSH_AT):
+        accounting.record("card.streaming")
+    assert store.counter("dingtalk-calls/day/2026-03-14") == 2 + FLUSH_AT
+    when.moment = datetime(2026, 3, 15, 0, 0)  # the day ends: its last calls are saved under it
+    accounting.record("card.streaming")
+    assert store.counter("dingtalk-calls/day/2026-03-14") == 2 + FLUSH_AT
+    assert accounting.today == 1
     store.close()
 
 
