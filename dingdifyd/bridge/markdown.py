@@ -14,9 +14,6 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SHOW_REASONING_CHOICES = ("hide", "quote")
-TABLE_STYLES = ("list", "code", "keep")
-
 THINKING_PLACEHOLDER = "💭 Thinking…"
 REASONING_TITLE = "💭 **Thinking**"
 LINE_BREAK = "<br>"

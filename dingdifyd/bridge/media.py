@@ -32,7 +32,6 @@ from dingdifyd.errors import PeerError
 
 log = logging.getLogger(__name__)
 
-DELIVERY_CHOICES = ("card", "message")
 # What DingTalk's media store takes as `image` (and a card shows); other images go as files.
 DINGTALK_IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "gif", "bmp", "webp"})
 MAX_FILE_BYTES = 20 * 1024 * 1024  # DingTalk's media upload limit

@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 
 CARD_SCOPES = "Card.Streaming.Write / Card.Instance.Write"
 TEMPLATE_CODES = frozenset({"param.templateNotExist", "param.templateUnpublished"})
-WEBHOOK_SESSION_CODES = frozenset({"300001", "300002"})
 # Refusals that no card template can avoid: the ladder goes straight to a plain reply for a while.
 CARDS_UNUSABLE_CODES = frozenset({
     "Forbidden.AccessDenied.AccessTokenPermissionDenied",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
@@ -30,3 +31,10 @@ async def dify() -> AsyncIterator[FakeDify]:
         fake.configure(key, token_delay=0.002)
     yield fake
     await fake.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session for tests that call an adapter directly."""
+    async with aiohttp.ClientSession() as session:
+        yield session

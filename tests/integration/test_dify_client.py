@@ -65,12 +65,6 @@ async def fake() -> AsyncIterator[FakeDify]:
         await fake.close()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def client_for(
     fake: FakeDify | str,
     session: aiohttp.ClientSession,

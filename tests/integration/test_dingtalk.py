@@ -38,12 +38,6 @@ async def fake() -> AsyncIterator[FakeDingTalk]:
     await fake.close()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def make_api(fake: FakeDingTalk, session: aiohttp.ClientSession, **kwargs: Any) -> DingTalkApi:
     kwargs.setdefault("retry_base_delay", 0.01)
     return DingTalkApi(client_id=CLIENT_ID, client_secret=Secret(SECRET), session=session,

@@ -56,12 +56,6 @@ async def fake() -> AsyncIterator[FakeDify]:
         await fake.close()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def replay(
     fake: FakeDify, session: aiohttp.ClientSession, case: str, **body_changes: Any
 ) -> tuple[int, dict[str, str], bytes]:

@@ -45,12 +45,6 @@ async def fake() -> AsyncIterator[FakeDify]:
         await fake.close()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def answers(fake: FakeDify, session: aiohttp.ClientSession, app_type: str, **timeouts: float) -> GuardedAnswers:
     limits = DifyTimeouts(**{"connect": 2, "first_byte": 5, "idle": 5, **timeouts})
     client = DifyClient(base_url=fake.base_url, api_key=Secret(key_of(app_type)), app_type=app_type,
