@@ -106,7 +106,8 @@ async def _demo(speed: float, out: TextIO) -> int:
             dingtalk.push_message(CLIENT_ID, data)
             card = await dingtalk.wait_card_final(track, timeout=60)
             mark = "✗ failed" if card.failed else "✓ done"
-            out.write(f"\n    [{mark}: {len(card.timeline)} card updates in {time.monotonic() - started:.1f}s]\n\n")
+            writes = len(card.timeline) + len(card.param_updates)  # streaming calls and card-data calls
+            out.write(f"\n    [{mark}: {writes} card updates in {time.monotonic() - started:.1f}s]\n\n")
         out.write(
             "The second answer says “Turn 2”: the conversation continued in Dify. The group message started its own.\n"
             "Next: write /etc/dingdifyd/NAME.yaml (see etc/example.yaml) and `systemctl start dingdifyd@NAME`.\n"
