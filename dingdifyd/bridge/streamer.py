@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.ports import CardSink
-from dingdifyd.dingtalk.scheduler import CardScheduler, Priority, TurnOutcome
+from dingdifyd.dingtalk.scheduler import CREATE, WRITE, CardScheduler, Priority, TurnOutcome
 from dingdifyd.errors import DingTalkRateLimited, DingTalkUnavailable, PeerError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class CardStreamer:
         if call is None or priority is None:
             self._scheduler.cancel(self)
         else:
-            self._scheduler.request(self, priority, ready_at)
+            self._scheduler.request(self, priority, ready_at, CREATE if call is _Call.OPEN else WRITE)
 
     def _update_slot(self) -> tuple[Priority | None, float | None]:
         """The priority and earliest time of the next text update; no priority when the budget says not now."""

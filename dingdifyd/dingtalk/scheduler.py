@@ -1,10 +1,11 @@
 """One card-call scheduler per DingTalk app (per bot process), shared by all its conversations.
 
 Every card call of the app (creating a card, streaming text into it, setting its data, ending it) waits for a
-turn here, so one token bucket keeps the whole app below DingTalk's 20 calls/s. All card APIs share that one
-bucket, not one bucket per API as DingTalk counts them: a card's life mixes three APIs in one order of
-priority, the monthly quota counts them all alike, and streaming makes up most calls anyway, so separate
-buckets would buy little throughput for three queues that could starve each other.
+turn here, so token buckets keep the app below DingTalk's 20 calls/s. DingTalk counts that limit per API, and
+a burst of new conversations is first of all a burst of card creations: creations (`createAndDeliver`) have a
+bucket of their own, so they proceed beside the texts of cards already open instead of taking their turns.
+The writes into a card (streaming, and the card-data updates of the built-in template) share one bucket:
+that is one bucket for two APIs, which stays under both limits. One queue decides the order for both.
 
 Which card goes next: the final answer first, then card creation and first texts, then intermediate
 updates; among equals the card that has been ready longest (round robin, since a served card queues again
@@ -32,6 +33,10 @@ from typing import Protocol
 from dingdifyd.dingtalk.ratelimit import ExponentialBackoff, TokenBucket
 
 log = logging.getLogger(__name__)
+
+
+CREATE = "create"  # the API class of creating a card
+WRITE = "write"  # the API class of every write into an existing card
 
 
 class Priority(enum.IntEnum):
@@ -66,6 +71,7 @@ class _Request:
     ready_at: float
     since: float  # when it first asked: its place in the queue
     order: int  # tie-breaker: first come, first served
+    api: str = WRITE  # which bucket its call takes a token from
 
 
 class SchedulePolicy:
@@ -84,8 +90,8 @@ class SchedulePolicy:
         rng: Callable[[], float] = random.random,
     ):
         self._clock = clock
-        # burst 1: any one-second window sees at most qps + 1 calls, under a fixed 20/s server-side limit
-        self._bucket = TokenBucket(qps, burst=burst, clock=clock) if qps else None
+        # burst 1: any one-second window sees at most qps + 1 calls per API, under a fixed 20/s limit per API
+        self._buckets = {api: TokenBucket(qps, burst=burst, clock=clock) for api in (CREATE, WRITE)} if qps else None
         self._requests: dict[Hashable, _Request] = {}
         self._busy: dict[Hashable, _Request] = {}  # card -> the request whose turn it is taking
         self._hold = ExponentialBackoff(base=hold_base, factor=1.5, cap=hold_cap, rng=rng)
@@ -95,18 +101,19 @@ class SchedulePolicy:
 
     # --- what cards ask --------------------------------------------------------------------------------
 
-    def request(self, card: Hashable, priority: Priority, ready_at: float | None = None) -> bool:
-        """Ask for a turn for `card`, not before `ready_at` (default: now). A card has one request at a time:
-        asking again updates it and keeps its place. Returns False when nothing changed."""
+    def request(self, card: Hashable, priority: Priority, ready_at: float | None = None, api: str = WRITE) -> bool:
+        """Ask for a turn for `card`'s next call (of API class `api`), not before `ready_at` (default: now). A
+        card has one request at a time: asking again updates it and keeps its place. Returns False when nothing
+        changed."""
         now = self._clock()
         ready_at = now if ready_at is None else ready_at
         current = self._requests.get(card)
         if current is None:
-            self._requests[card] = _Request(priority, ready_at, now, next(self._order))
+            self._requests[card] = _Request(priority, ready_at, now, next(self._order), api)
             return True
-        if current.priority == priority and current.ready_at == ready_at:
+        if current.priority == priority and current.ready_at == ready_at and current.api == api:
             return False
-        current.priority, current.ready_at = priority, ready_at
+        current.priority, current.ready_at, current.api = priority, ready_at, api
         return True
 
     def cancel(self, card: Hashable) -> None:
@@ -125,30 +132,34 @@ class SchedulePolicy:
         now = self._clock()
         if now < self._hold_until:
             return None
-        ready = [
+        ready = sorted(
             (request.priority, max(request.since, request.ready_at), request.order, card)
             for card, request in self._requests.items()
             if request.ready_at <= now and card not in self._busy
-        ]
-        if not ready:
-            return None
-        if self._bucket is not None and not self._bucket.try_acquire():
-            return None
-        *_, card = min(ready, key=lambda item: item[:3])
-        self._busy[card] = self._requests.pop(card)
-        return card
+        )
+        tried: set[str] = set()
+        for *_, card in ready:
+            api = self._requests[card].api
+            if api in tried:
+                continue  # its bucket is empty: only a card of the other API class can go now
+            tried.add(api)
+            if self._buckets is None or self._buckets[api].try_acquire():
+                self._busy[card] = self._requests.pop(card)
+                return card
+        return None
 
     def wait_time(self) -> float | None:
         """Seconds until `poll` may give a turn; None when no card waits for one (or all wait for their own
         call to end, which `finished` reports)."""
         now = self._clock()
-        waiting = [r.ready_at for card, r in self._requests.items() if card not in self._busy]
+        waiting = [r for card, r in self._requests.items() if card not in self._busy]
         if not waiting:
             return None
-        wait = max(0.0, min(waiting) - now, self._hold_until - now)
-        if self._bucket is not None:
-            wait = max(wait, self._bucket.wait_time())
-        return wait
+        soonest = min(
+            max(r.ready_at - now, self._buckets[r.api].wait_time() if self._buckets is not None else 0.0)
+            for r in waiting
+        )
+        return max(0.0, soonest, self._hold_until - now)
 
     def finished(self, card: Hashable, outcome: TurnOutcome) -> float:
         """The card's call is over. Returns how long the app now holds (0.0 unless it was rate limited)."""
@@ -215,8 +226,8 @@ class CardScheduler:
     def pacing(self) -> Pacing:
         return self._pacing()
 
-    def request(self, card: Turnable, priority: Priority, ready_at: float | None = None) -> None:
-        if self.policy.request(card, priority, ready_at):
+    def request(self, card: Turnable, priority: Priority, ready_at: float | None = None, api: str = WRITE) -> None:
+        if self.policy.request(card, priority, ready_at, api):
             self._wake.set()
         if self._loop is None:
             self._loop = asyncio.get_running_loop().create_task(self._run(), name="card-scheduler")

@@ -6,7 +6,7 @@ from collections import deque
 
 import pytest
 
-from dingdifyd.dingtalk.scheduler import Priority, SchedulePolicy, TurnOutcome
+from dingdifyd.dingtalk.scheduler import CREATE, WRITE, Priority, SchedulePolicy, TurnOutcome
 
 
 class FakeClock:
@@ -42,6 +42,19 @@ def test_the_first_call_goes_at_once_and_the_next_waits_for_the_bucket():
     clock.now += 0.1
     assert p.poll() == "b"
     assert p.wait_time() is None  # nobody else waits
+
+
+def test_card_creations_have_a_bucket_of_their_own_beside_the_writes():
+    # DingTalk limits each API separately: a burst of new cards must not take the turns of open cards' texts
+    clock = FakeClock()
+    p = policy(clock, qps=10.0)
+    p.request("new-1", Priority.FIRST, api=CREATE)
+    p.request("new-2", Priority.FIRST, api=CREATE)
+    p.request("open-card", Priority.UPDATE, api=WRITE)
+    assert drain(p) == ["new-1", "open-card"]  # one of each API, not two creations
+    assert p.wait_time() == pytest.approx(0.1)
+    clock.now += 0.1
+    assert drain(p) == ["new-2"]
 
 
 def test_final_answers_go_before_first_texts_and_first_texts_before_updates():
