@@ -81,6 +81,7 @@ class Container:
         self.name = name
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.init_pid = 0
+        self._state = ""  # the last `systemctl is-system-running` answer, for the failure message
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -95,19 +96,37 @@ class Container:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
         self.init_pid = wait_until(self._find_init, timeout, "the container's init process")
-        wait_until(self._booted, timeout, "the container's systemd to finish booting", interval=0.2)
+        try:
+            wait_until(self._booted, timeout, "the container's systemd to finish booting", interval=0.2)
+        except AssertionError as exc:
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False, timeout=10)
+            raise AssertionError(
+                f"{exc}; last state {self._state!r}, init pid {self.init_pid}\n--- jobs\n{jobs.stdout}{jobs.stderr}"
+                f"\n--- systemd-nspawn output\n{self.boot_log()}"
+            ) from None
 
     def _find_init(self) -> int:
+        """The container's PID 1 as the host sees it: the child of systemd-nspawn that runs systemd. Early on
+        nspawn has another, short-lived child (its setup process), which must not be taken for it."""
         assert self.nspawn is not None
         if self.nspawn.poll() is not None:
             raise AssertionError(f"systemd-nspawn exited with {self.nspawn.returncode}:\n{self.boot_log()}")
         result = subprocess.run(["pgrep", "-P", str(self.nspawn.pid)], capture_output=True, text=True)
-        pids = result.stdout.split()
-        return int(pids[0]) if pids else 0
+        for pid in result.stdout.split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    return int(pid)
+            except OSError:
+                continue  # gone already
+        return 0
 
     def _booted(self) -> bool:
-        state = self.run("systemctl", "is-system-running", check=False, timeout=10).stdout.strip()
-        return state in ("running", "degraded")
+        result = self.run("systemctl", "is-system-running", check=False, timeout=10)
+        self._state = result.stdout.strip() or result.stderr.strip()
+        if result.returncode != 0 and not result.stdout.strip():
+            # nsenter itself failed: the pid is not (or no longer) the container's init; find it again
+            self.init_pid = self._find_init() or self.init_pid
+        return self._state in ("running", "degraded")
 
     def poweroff(self) -> None:
         if self.nspawn is None:
