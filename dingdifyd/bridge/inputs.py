@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ class AppParameters:
 
     fields: tuple[InputField, ...] = ()
     suggested_after_answer: bool = False
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # all of it (upload rules)
 
     @classmethod
     def parse(cls, obj: Mapping[str, Any]) -> AppParameters:
@@ -63,7 +65,7 @@ class AppParameters:
                 )
         suggested = obj.get("suggested_questions_after_answer")
         enabled = isinstance(suggested, dict) and suggested.get("enabled") is True
-        return cls(fields=tuple(fields), suggested_after_answer=enabled)
+        return cls(fields=tuple(fields), suggested_after_answer=enabled, raw=obj)
 
     def field(self, variable: str) -> InputField | None:
         return next((f for f in self.fields if f.variable == variable), None)

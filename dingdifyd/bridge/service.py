@@ -68,7 +68,7 @@ class BridgeService:
         self.store = store
         # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
         self.files = files
-        self.incoming = IncomingFiles(bot=bot, dingtalk=files, clock=clock)
+        self.incoming = IncomingFiles(bot=bot, dingtalk=files)
         # which Dify app answers a message: the bot's own, or a route's (`routes:`)
         self.apps = apps
         self.access = AccessPolicy.from_bot(bot)
@@ -239,7 +239,7 @@ class BridgeService:
             return "answered"
         user = session.dify_user(message, self.bot.session_scope)
         # pictures, files and voice: what the app is asked, or why it cannot be (bridge/uploads.py)
-        question = await self.incoming.prepare(message, text, user=user, dify=app.client)
+        question = await self.incoming.prepare(message, text, user=user, app=app)
         if question.reply is not None:
             await streamer.finish(question.reply)
             return "answered"

@@ -1,54 +1,30 @@
 """The files a person sends, on their way to Dify: fetched from DingTalk, uploaded to the app, placed in the
 request where the app takes them (bridge/attachments.py decides where), with a clear word about each file that
-could not go. The app's `GET /parameters` is cached for a few minutes per process.
+could not go. What the app accepts comes from its `GET /parameters`, cached per app (bridge/apps.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dingdifyd.bridge import attachments as att
+from dingdifyd.bridge.apps import DifyApp
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.config import BotConfig
-from dingdifyd.errors import DifyAuthError, DifyError, DingTalkError
+from dingdifyd.errors import DifyAuthError, DifyError, DifyUnavailable, DingTalkError
 
 log = logging.getLogger(__name__)
 
-PARAMETERS_TTL = 300.0  # seconds: an admin's change to the app's file settings shows within five minutes
 
 NO_TEXT = "I can read text, voice, pictures and files. Please type your question."
 VOICE_NOT_RECOGNISED = "I could not make out your voice message. Please try again, or type your question."
 FILES_UNSUPPORTED = "Files and pictures cannot be passed on here, so {label} was not sent."
 DOWNLOAD_FAILED = "I could not fetch {label} from DingTalk. Please send it again."
 UPLOAD_REFUSED = "The AI app did not accept {label} ({reason})."
-
-
-class ParametersCache:
-    """The app's `/parameters`, fetched once for concurrent callers and kept for `ttl` seconds."""
-
-    def __init__(
-        self, fetch: Callable[[], Awaitable[dict[str, Any]]], *, ttl: float = PARAMETERS_TTL,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self._fetch = fetch
-        self._ttl = ttl
-        self._clock = clock
-        self._value: dict[str, Any] | None = None
-        self._fetched_at = 0.0
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> dict[str, Any]:
-        async with self._lock:
-            if self._value is None or self._clock() - self._fetched_at >= self._ttl:
-                self._value = await self._fetch()
-                self._fetched_at = self._clock()
-            return self._value
 
 
 @dataclass
@@ -65,22 +41,15 @@ class Question:
 class IncomingFiles:
     """Turns a message's files into what its Dify app takes. One per bot; apps (routes) are told per call."""
 
-    def __init__(self, *, bot: BotConfig, dingtalk: MessageFiles | None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, *, bot: BotConfig, dingtalk: MessageFiles | None):
         self.bot = bot
         self.dingtalk = dingtalk
-        self._clock = clock
-        self._caches: dict[int, tuple[DifyFiles, ParametersCache]] = {}
 
-    def _parameters(self, dify: DifyFiles) -> ParametersCache:
-        entry = self._caches.get(id(dify))
-        if entry is None or entry[0] is not dify:
-            entry = (dify, ParametersCache(dify.parameters, clock=self._clock))
-            self._caches[id(dify)] = entry
-        return entry[1]
-
-    async def prepare(self, message: IncomingMessage, text: str, *, user: str, dify: object) -> Question:
-        """The query, files and file inputs for this message to the app `dify`. Raises DifyError only when
-        the app cannot be asked at all (key refused, Dify unreachable): the card then says so as for any answer."""
+    async def prepare(self, message: IncomingMessage, text: str, *, user: str, app: DifyApp) -> Question:
+        """The query, files and file inputs for this message to `app`. Raises DifyError only when the app
+        cannot be asked at all (its settings unreadable, Dify unreachable): the card then says so as for any
+        answer."""
+        dify = app.client
         attachments = att.attachments_of(message)
         if not attachments:
             if text:
@@ -90,7 +59,10 @@ class IncomingFiles:
             notes = [FILES_UNSUPPORTED.format(label=a.label) for a in attachments]
             return Question(query=text, notes=notes) if text else Question(reply="\n\n".join(notes))
 
-        rules = att.UploadRules.from_parameters(await self._parameters(dify).get())
+        params = await app.settings.get()
+        if params is None:
+            raise DifyUnavailable("the Dify app's settings (GET /parameters) could not be read to pass files on")
+        rules = att.UploadRules.from_parameters(params.raw)
         placements = att.place_attachments(attachments, rules, await dify.resolved_app_type())
         question = Question()
         results = await asyncio.gather(
