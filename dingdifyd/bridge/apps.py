@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from dingdifyd.bridge import session
@@ -19,7 +19,6 @@ from dingdifyd.bridge.inputs import AppParameters, context_inputs, text_input_va
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import AnswerSource
 from dingdifyd.config import BotConfig, RouteConfig
-from dingdifyd.dify.events import DifyEvent
 from dingdifyd.errors import PeerError
 from dingdifyd.logsetup import register_secret
 
@@ -31,21 +30,13 @@ PARAMETERS_RETRY = 30.0  # after a failed fetch: answers go on with what is know
 PARAMETERS_TIMEOUT = 5.0  # an answer never waits longer than this for the app's settings
 
 
-class DifyAppClient(Protocol):
-    """What the bridge needs of a Dify app's client (dingdifyd.dify.client.DifyClient provides it)."""
+class DifyAppClient(AnswerSource, Protocol):
+    """What the bridge needs of a Dify app's client (dingdifyd.dify.client.DifyClient provides it): its answer
+    streams, and these."""
 
     app_type: str
     input_variable: str
 
-    def stream_answer(
-        self,
-        *,
-        query: str,
-        user: str,
-        conversation_id: str | None = None,
-        inputs: dict[str, Any] | None = None,
-        files: list[dict[str, Any]] | None = None,
-    ) -> AsyncIterator[DifyEvent]: ...
     async def stop(self, task_id: str, user: str) -> None: ...
     async def parameters(self) -> dict[str, Any]: ...
     async def suggested_questions(self, message_id: str, user: str) -> list[str]: ...
