@@ -129,6 +129,8 @@ def test_packaged_files_exist() -> None:
 
 
 @pytest.mark.parametrize("script", ["packaging/systemd/check-config-for-reload", "packaging/build-deb",
+                                    "packaging/systemd/try-restart-checked", "packaging/build-repo",
+                                    "packaging/build-image",
                                     "tests/system/make-rootfs", "packaging/debian/dingdifyd.postinst",
                                     "packaging/debian/dingdifyd.prerm", "packaging/debian/dingdifyd.postrm"])
 def test_shell_scripts_parse(script: str) -> None:
