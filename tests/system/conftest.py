@@ -1,4 +1,5 @@
-"""The system test runs only when asked for (`pytest -m system`, as .ci/run does), and its steps in order."""
+"""The system test runs only when asked for (`pytest -m system`, as .ci/run does), and its steps in order, once
+per Debian release: a failed step skips the later steps of the same release only."""
 
 from __future__ import annotations
 
@@ -20,14 +21,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if re.search(r"(?<!not )\bsystem\b", expression):
         return
     skip = pytest.mark.skip(reason="system test: run `pytest -m system` as root (.ci/run does); it builds the "
-                                   ".deb and boots a container")
+                                   ".debs and boots containers")
     for item in items:
         if item.get_closest_marker("system"):
             item.add_marker(skip)
 
 
+def _scope(item: pytest.Item) -> str:
+    """What a failed step spoils: the steps of the same module and release."""
+    callspec = getattr(item, "callspec", None)
+    release = callspec.params.get("release", "") if callspec else ""
+    return f"{item.module.__name__ if item.module else ''}[{release}]"
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    failed = diagnostics["failed_step"]
+    failed = diagnostics["failed_steps"].get(_scope(item))
     if failed and item.get_closest_marker("step"):
         pytest.skip(f"an earlier step failed: {failed}")
 
@@ -38,7 +46,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if not report.failed or not item.get_closest_marker("step"):
         return
-    diagnostics["failed_step"] = diagnostics["failed_step"] or item.name
+    diagnostics["failed_steps"].setdefault(_scope(item), item.name)
     container = diagnostics["container"]
     if container is None:
         return

@@ -1,4 +1,4 @@
-"""A Debian 12 container booting a real systemd (systemd-nspawn, own network), and ways into it from the host.
+"""A Debian container booting a real systemd (systemd-nspawn, own network), and ways into it from the host.
 
 `nsenter` is the way in: without systemd as PID 1 on the host there is no machined, so `machinectl` and
 `systemd-run -M` do not work (reference/packaging-and-systemd.md §3). Commands run with a clean environment.
@@ -25,7 +25,7 @@ CONTROL_URL = "http://127.0.0.1:18080/_sim"  # the simulator's port inside the c
 T = TypeVar("T")
 
 # the container of the running system test (set by its fixture) and the first failed step: for the reports
-diagnostics: dict[str, Any] = {"container": None, "failed_step": None}
+diagnostics: dict[str, Any] = {"container": None, "failed_steps": {}}
 
 _HTTP_CLIENT = r"""
 import json, sys, urllib.error, urllib.request
@@ -74,13 +74,14 @@ def _describe(argv: Sequence[str], result: subprocess.CompletedProcess[str]) -> 
 
 
 class Container:
-    def __init__(self, root: Path, debs: Path, log: Path, name: str = "ddsystest"):
+    def __init__(self, root: Path, binds: dict[str, Path], log: Path, name: str = "ddsystest"):
         self.root = root
-        self.debs = debs
+        self.binds = binds  # read-only: path inside -> host directory
         self.log = log
         self.name = name
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.init_pid = 0
+        self.baseline: set[str] = set()  # the paths in the container before the package came (tests set it)
         self._state = ""  # the last `systemctl is-system-running` answer, for the failure message
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class Container:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
                  "--private-network", "--console=read-only", "-M", self.name,
-                 f"--bind-ro={self.debs}:/srv/debs"],
+                 *(f"--bind-ro={host}:{inside}" for inside, host in self.binds.items())],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
         self.init_pid = wait_until(self._find_init, timeout, "the container's init process")

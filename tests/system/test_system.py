@@ -1,18 +1,23 @@
-"""System test: the .deb on a real systemd.
+"""System test: the .deb of each Debian release, from a signed apt repository, on a real systemd.
 
-Builds the package (and, in the background, a newer build of it for the upgrade step), lints it, checks the
-units' exposure, boots Debian 12 with systemd as PID 1 in a systemd-nspawn container with its own network,
-installs the package there with apt and drives `dingdifyd@ci` against the simulators
+For Debian 12 (bookworm) and Debian 13 (trixie), each in turn: takes the release's two builds (the version and
+a newer `+ci1` one; .ci/run makes them in the background with `packaging/build-deb --release R`, or the test
+does), publishes the first in a signed repository (`packaging/build-repo`, a throwaway key), boots the release
+with systemd as PID 1 in a systemd-nspawn container with its own network, runs the README's repository lines
+there (the repository served on the container's loopback), and drives `dingdifyd@ci` against the simulators
 (`python -m dingdifyd.simulator`, run inside the container from the package's own venv, as a transient unit)
-through their HTTP control API.
+through their HTTP control API. Then it publishes the newer build and checks that `apt-get upgrade` restarts the
+running instance and keeps its configuration, state and conversation, and that purging removes what the package
+made and nothing else.
 
-Run it as root with `pytest -m system -v` (.ci/run does). The steps share one container and run in order;
-once a step fails the later ones are skipped, and the failed step's report carries the container's journal.
-The container is powered off (killed if need be) and removed whatever happens.
+Run it as root with `pytest -m system -v` (.ci/run does). The steps of a release share one container and run
+in order; once a step fails the later ones of that release are skipped, and the failed step's report carries
+the container's journal. The container is powered off (killed if need be) and removed whatever happens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -26,12 +31,17 @@ from typing import Any
 
 import pytest
 
+from tests.system import readme
 from tests.system.container import SYSTEM_PATH, Container, diagnostics, host_run, remove_tree, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = Path(os.environ.get("DINGDIFYD_SYSTEM_WORK", "/var/tmp/dingdifyd-system"))
-ROOTFS_TAR = Path(os.environ.get("DINGDIFYD_ROOTFS_TAR", str(WORK / "rootfs.tar")))
+DEBS = Path(os.environ.get("DINGDIFYD_SYSTEM_DEBS", str(WORK / "debs")))
+# Debian releases: codename -> (version number, Python minor version)
+SUPPORTED = {"bookworm": ("12", "3.11"), "trixie": ("13", "3.13")}
+RELEASES = os.environ.get("DINGDIFYD_SYSTEM_RELEASES", "bookworm trixie").split()
 UPGRADE_SUFFIX = "+ci1"
+REPO_PORT = 8079  # the repository's web server, on the container's own loopback
 
 UNIT = "dingdifyd@ci"
 SIMULATOR_UNIT = "dingdifyd-sim"
@@ -48,15 +58,15 @@ STAFF_ID = "alice"
 TOOLS = {
     "systemd-nspawn": "systemd-container",
     "mmdebstrap": "mmdebstrap",
-    "dpkg-buildpackage": "dpkg-dev",
-    "dh": "debhelper",
-    "lintian": "lintian",
+    "dpkg-deb": "dpkg",
+    "apt-ftparchive": "apt-utils",
+    "gpg": "gpg",
     "nsenter": "util-linux",
     "systemd-analyze": "systemd",
     "pgrep": "procps",
 }
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 step = pytest.mark.step
 
 
@@ -67,43 +77,60 @@ def _version() -> str:
     return match.group(1)
 
 
-def _missing_prerequisite() -> str | None:
+def _arch() -> str:
+    return host_run(["dpkg", "--print-architecture"], timeout=30).stdout.strip()
+
+
+def deb_version(release: str, suffix: str = "") -> str:
+    return f"{_version()}{suffix}~deb{SUPPORTED[release][0]}u1"
+
+
+def deb_name(release: str, suffix: str = "") -> str:
+    return f"dingdifyd_{deb_version(release, suffix)}_{_arch()}.deb"
+
+
+def rootfs_tar(release: str) -> Path:
+    return WORK / f"rootfs-{release}.tar"
+
+
+def missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
-        return "needs root: it builds a rootfs and boots it with systemd-nspawn"
+        return "needs root: it builds root file systems and boots them with systemd-nspawn"
     missing = sorted({package for tool, package in TOOLS.items() if shutil.which(tool, path=SYSTEM_PATH) is None})
     if missing:
         return f"needs apt-get install {' '.join(missing)}"
     return None
 
 
+def ensure_rootfs(release: str) -> Path:
+    """The release's container image (made by .ci/run in the background, or now)."""
+    tar = rootfs_tar(release)
+    if not tar.exists():
+        host_run([str(REPO / "tests/system/make-rootfs"), release, str(tar)], timeout=900)
+    return tar
+
+
+def ensure_debs(release: str) -> Path:
+    """The release's two builds, linted (made by .ci/run in the background, or now); returns the build log."""
+    log = DEBS / f"build-{release}.log"
+    if not ((DEBS / deb_name(release)).exists() and (DEBS / deb_name(release, UPGRADE_SUFFIX)).exists()):
+        DEBS.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as output:
+            code = subprocess.run(
+                [str(REPO / "packaging/build-deb"), "--release", release, "--lintian", "--version-suffix", "",
+                 "--version-suffix", UPGRADE_SUFFIX, str(DEBS)],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, timeout=1800,
+            ).returncode  # fmt: skip
+        assert code == 0, f"packaging/build-deb --release {release} failed:\n{log.read_text(errors='replace')[-4000:]}"
+    return log
+
+
 # --- fixtures ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Debs:
-    dir: Path
-    version: str
-    upgrade_build: subprocess.Popen[bytes]
-    upgrade_log: Path
-
-    @property
-    def first(self) -> str:
-        return f"dingdifyd_{self.version}_amd64.deb"
-
-    @property
-    def upgrade_version(self) -> str:
-        return self.version + UPGRADE_SUFFIX
-
-    def upgrade(self, timeout: float = 600) -> str:
-        """The newer build's file name, once its background build is done."""
-        code = self.upgrade_build.wait(timeout)
-        assert code == 0, f"the upgrade build failed:\n{self.upgrade_log.read_text(errors='replace')[-4000:]}"
-        return f"dingdifyd_{self.upgrade_version}_amd64.deb"
 
 
 @pytest.fixture(scope="module")
 def work() -> Iterator[Path]:
-    reason = _missing_prerequisite()
+    reason = missing_prerequisite()
     if reason:
         pytest.skip(reason)
     path = WORK / f"run-{os.getpid()}"
@@ -113,52 +140,71 @@ def work() -> Iterator[Path]:
     remove_tree(path)
 
 
-@pytest.fixture(scope="module")
-def rootfs_build(work: Path) -> Iterator[subprocess.Popen[bytes] | None]:
-    """The container image, made in the background unless .ci/run (or an earlier run) made it already."""
-    if ROOTFS_TAR.exists():
-        yield None
-        return
-    log = (work / "make-rootfs.log").open("wb")
-    process = subprocess.Popen([str(REPO / "tests/system/make-rootfs"), str(ROOTFS_TAR)],
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    log.close()
+@dataclass
+class AptRepository:
+    """The signed repository on the host (bound into each container at /srv/repo), one key for the whole run."""
+
+    root: Path
+    gnupghome: Path
+
+    def publish(self, *debs: Path) -> str:
+        return host_run([str(REPO / "packaging/build-repo"), "--gnupghome", str(self.gnupghome), "--throwaway-key",
+                         str(self.root), *map(str, debs)], timeout=300).stdout  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def debs(work: Path) -> Iterator[Debs]:
-    out = work / "debs"
-    out.mkdir()
-    host_run([str(REPO / "packaging/build-deb"), str(out)], timeout=900)
-    # the newer build for the upgrade step: made meanwhile, the container steps hardly use the CPU
-    upgrade_log = work / "build-upgrade.log"
-    with upgrade_log.open("wb") as log:
-        upgrade = subprocess.Popen(
-            [str(REPO / "packaging/build-deb"), str(out)], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, env={**os.environ, "DINGDIFYD_DEB_VERSION_SUFFIX": UPGRADE_SUFFIX},
-        )  # fmt: skip
-    built = Debs(out, _version(), upgrade, upgrade_log)
-    yield built
-    if upgrade.poll() is None:
-        upgrade.kill()
-        upgrade.wait()
+def apt_repository(work: Path) -> AptRepository:
+    (work / "repo").mkdir()
+    return AptRepository(work / "repo", work / "gnupg")
+
+
+@pytest.fixture(scope="module", params=RELEASES)
+def release(request: pytest.FixtureRequest) -> str:
+    assert request.param in SUPPORTED, f"DINGDIFYD_SYSTEM_RELEASES: {request.param} is not one of {list(SUPPORTED)}"
+    return request.param
+
+
+@dataclass
+class Debs:
+    dir: Path
+    release: str
+    build_log: Path
+
+    @property
+    def version(self) -> str:
+        return deb_version(self.release)
+
+    @property
+    def upgrade_version(self) -> str:
+        return deb_version(self.release, UPGRADE_SUFFIX)
+
+    @property
+    def first(self) -> Path:
+        return self.dir / deb_name(self.release)
+
+    @property
+    def upgrade(self) -> Path:
+        return self.dir / deb_name(self.release, UPGRADE_SUFFIX)
 
 
 @pytest.fixture(scope="module")
-def container(work: Path, rootfs_build: subprocess.Popen[bytes] | None, debs: Debs) -> Iterator[Container]:
-    if rootfs_build is not None:
-        assert rootfs_build.wait(900) == 0, f"make-rootfs failed, see {work / 'make-rootfs.log'}"
-    root = work / "root"
+def debs(work: Path, release: str) -> Debs:
+    return Debs(DEBS, release, ensure_debs(release))
+
+
+@pytest.fixture(scope="module")
+def container(work: Path, release: str, debs: Debs, apt_repository: AptRepository) -> Iterator[Container]:
+    tar = ensure_rootfs(release)
+    root = work / f"root-{release}"
     root.mkdir()
-    host_run(["tar", "-C", str(root), "-xf", str(ROOTFS_TAR)], timeout=300)
-    box = Container(root, debs.dir, work / "nspawn.log")
+    host_run(["tar", "-C", str(root), "-xf", str(tar)], timeout=300)
+    box = Container(root, {"/srv/debs": debs.dir, "/srv/repo": apt_repository.root}, work / f"nspawn-{release}.log")
     diagnostics["container"] = box
     try:
         box.boot()
+        # no network: Debian's own sources cannot be reached (the rootfs has every dependency of the package)
+        box.run("sh", "-c", "rm -f /etc/apt/sources.list /etc/apt/sources.list.d/*")
+        box.baseline = snapshot(box)
         yield box
     finally:
         box.poweroff()
@@ -254,22 +300,51 @@ def record(box: Container, needle: str, after: float = 0.0) -> dict[str, Any] | 
     return found
 
 
-# --- the package, statically ---------------------------------------------------------------------------------
+def file_digests(box: Container, *paths: str) -> dict[str, str]:
+    return {path: hashlib.sha256(box.path(path).read_bytes()).hexdigest() for path in paths}
 
 
-def test_package_is_lintian_clean(debs: Debs) -> None:
-    deb = debs.dir / debs.first
-    assert host_run(["dpkg-deb", "--field", str(deb), "Version"], timeout=30).stdout.strip() == debs.version
-    host_run(["lintian", "--fail-on", "error,warning", str(deb)], timeout=300)
-    contents = host_run(["dpkg-deb", "--contents", str(deb)], timeout=30).stdout
-    for path in ("./usr/bin/dingdifyd", "./lib/systemd/system/dingdifyd@.service",
-                 "./lib/systemd/system/dingdifyd.service", "./usr/lib/sysusers.d/dingdifyd.conf",
-                 "./usr/share/man/man8/dingdifyd.8.gz", "./usr/share/man/man5/dingdifyd.yaml.5.gz"):
+# Files of the container that are the admin's or the system's, not the package's: what a purge must leave alone.
+SNAPSHOT_EXCLUDE = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/var/log", "/var/cache", "/var/lib/apt",
+                    "/var/lib/dpkg", "/var/lib/systemd", "/srv", "/etc/ld.so.cache")
+
+
+def snapshot(box: Container) -> set[str]:
+    """Every path in the container outside SNAPSHOT_EXCLUDE (piuparts' way to see what a package leaves)."""
+    prune = " -o ".join(f"-path {path}" for path in SNAPSHOT_EXCLUDE)
+    listing = box.run("sh", "-c", f"find / -xdev \\( {prune} \\) -prune -o -print", timeout=120).stdout
+    return set(listing.splitlines())
+
+
+# --- the packages, statically ---------------------------------------------------------------------------------
+
+
+def test_package_is_lintian_clean_and_fits_its_release(debs: Debs) -> None:
+    log = debs.build_log.read_text(errors="replace")
+    for version in (debs.version, debs.upgrade_version):
+        assert re.search(rf"lintian Lintian v\S+ has nothing to say about dingdifyd {re.escape(version)}$", log,
+                         re.MULTILINE), f"no clean lintian run of {version} in {debs.build_log}"  # fmt: skip
+    deb = str(debs.first)
+    fields = host_run(["dpkg-deb", "--show", "--showformat", "${Version}\n${Architecture}\n${Depends}", deb],
+                      timeout=30).stdout.split("\n")  # fmt: skip
+    assert fields[0] == debs.version
+    assert fields[1] == _arch()
+    python = SUPPORTED[debs.release][1]
+    major, minor = python.split(".")
+    assert f"python3 (>= {python})" in fields[2] and f"python3 (<< {major}.{int(minor) + 1})" in fields[2], fields[2]
+    contents = host_run(["dpkg-deb", "--contents", deb], timeout=30).stdout
+    unit_dir = "./lib/systemd/system" if debs.release == "bookworm" else "./usr/lib/systemd/system"
+    for path in ("./usr/bin/dingdifyd", f"{unit_dir}/dingdifyd@.service", f"{unit_dir}/dingdifyd.service",
+                 "./usr/lib/sysusers.d/dingdifyd.conf", "./usr/share/man/man8/dingdifyd.8.gz",
+                 "./usr/share/man/man5/dingdifyd.yaml.5.gz", "./usr/lib/dingdifyd/try-restart-checked",
+                 f"./usr/lib/dingdifyd/venv/lib/python{python}/site-packages/dingdifyd/__init__.py"):
         assert f" {path}" in contents, f"{path} is not in the package"
 
 
 @pytest.mark.parametrize("unit", ["dingdifyd@.service", "dingdifyd.service"])
-def test_unit_exposure_is_at_most_2(work: Path, unit: str) -> None:
+def test_unit_exposure_is_at_most_2(unit: str) -> None:
+    if os.geteuid() != 0 or shutil.which("systemd-analyze", path=SYSTEM_PATH) is None:
+        pytest.skip("needs root and systemd-analyze")
     path = REPO / "packaging" / "systemd" / unit
     result = host_run(["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(path)], timeout=60)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
@@ -281,10 +356,49 @@ def test_unit_exposure_is_at_most_2(work: Path, unit: str) -> None:
 
 
 @step
-def test_install(container: Container, debs: Debs) -> None:
+def test_another_releases_package_is_refused(container: Container, release: str) -> None:
+    """Bad input: the package of another release (its venv is for another Python) is refused by apt, with the
+    reason, before anything is installed: the README's .deb line, with that file."""
     box = container
-    box.run("apt-get", "install", "-y", "--no-install-recommends", f"/srv/debs/{debs.first}", timeout=180)
-    assert box.run("dingdifyd", "--version").stdout.strip() == f"dingdifyd {debs.version}"
+    other = next((r for r in SUPPORTED if r != release and (DEBS / deb_name(r)).exists()), None)
+    if other is None:
+        pytest.skip("the other release's package is not built yet (.ci/run builds both first)")
+    [line] = [line for line in readme.block("install-deb") if line.startswith("apt-get install")]
+    command = re.sub(r"\./dingdifyd_\S+\.deb", f"./{deb_name(other)}", line)
+    refused = box.run("sh", "-c", f"cd /srv/debs && {command}", check=False, timeout=120)
+    assert refused.returncode != 0, refused.stdout
+    output = refused.stdout + refused.stderr
+    # e.g. "dingdifyd : Depends: python3 (< 3.12) but 3.13.5-1 is to be installed"
+    assert re.search(r"dingdifyd : Depends: python3 \([<>=]+ 3\.\d+\) but \S+ is to be installed", output), output
+    assert box.run("dpkg-query", "-W", "dingdifyd", check=False).returncode != 0, "it was installed anyway"
+
+
+@step
+def test_install_from_the_repository(container: Container, debs: Debs, apt_repository: AptRepository,
+                                     release: str) -> None:  # fmt: skip
+    box = container
+    published = apt_repository.publish(debs.first)
+    assert f"dists/{release}" in published
+    # one repository for every release tested so far, each its own suite
+    suites = {path.name for path in (apt_repository.root / "dists").iterdir()}
+    assert release in suites and suites <= set(SUPPORTED), suites
+    assert all((apt_repository.root / "dists" / suite / "InRelease").exists() for suite in suites)
+    box.run("systemd-run", "--unit=apt-repository", "--property=Type=exec", "python3", "-m", "http.server",
+            "--bind", "127.0.0.1", "--directory", "/srv/repo", str(REPO_PORT))  # fmt: skip
+    wait_until(lambda: box.run("curl", "-fsS", "-o", "/dev/null", f"http://127.0.0.1:{REPO_PORT}/", check=False)
+               .returncode == 0, 30, "the repository's web server")  # fmt: skip
+    # the README's lines, verbatim but for the repository's address
+    lines = readme.block("install-repository")
+    assert lines[0].startswith("repo="), lines[0]
+    script = "\n".join(["set -e", f"repo=http://127.0.0.1:{REPO_PORT}", *lines[1:]])
+    box.run("sh", "-c", script, timeout=300)
+    sources = box.path("/etc/apt/sources.list.d/dingdifyd.sources").read_text()
+    assert f"Suites: {release}\n" in sources and "Signed-By: /etc/apt/keyrings/" in sources, sources
+    policy = box.run("apt-cache", "policy", "dingdifyd").stdout
+    assert f"http://127.0.0.1:{REPO_PORT} {release}/main" in policy, policy
+
+    assert box.run("dpkg-query", "-W", "-f", "${Version}", "dingdifyd").stdout == debs.version
+    assert box.run("dingdifyd", "--version").stdout.strip() == f"dingdifyd {_version()}"
     assert "dingdifyd" in box.run("getent", "passwd", "dingdifyd").stdout
     assert box.run("test", "-f", "/etc/dingdifyd/example.yaml", check=False).returncode == 0
     # any output is a problem: verify prints parse errors but still exits 0
@@ -456,15 +570,48 @@ def test_watchdog_restarts_a_hung_daemon(container: Container, chat: Chat) -> No
 
 
 @step
-def test_upgrade_restarts_the_running_instance(container: Container, debs: Debs, chat: Chat) -> None:
+def test_apt_upgrade_from_the_repository_restarts_and_keeps_everything(
+    container: Container, debs: Debs, apt_repository: AptRepository, chat: Chat
+) -> None:
     box = container
-    deb = debs.upgrade()
+    published = apt_repository.publish(debs.upgrade)
+    assert debs.upgrade.name in published or "dists/" in published
+    kept = (CONFIG, CREDENTIAL, f"{DROP_IN_DIR}/credentials.conf", "/etc/dingdifyd/example.yaml")
+    before = file_digests(box, *kept)
+    state_before = set(box.run("find", "/var/lib/dingdifyd/ci").stdout.split())
     old = box.main_pid(UNIT)
-    box.run("apt-get", "install", "-y", "--no-install-recommends", f"/srv/debs/{deb}", timeout=180)
+    # the earlier steps' restarts must not count against systemd's start limit (5 starts in 10 s)
+    box.run("systemctl", "reset-failed", UNIT)
+    box.run("sh", "-c", readme.block("upgrade")[0], timeout=300)
     assert box.run("dpkg-query", "-W", "-f", "${Version}", "dingdifyd").stdout == debs.upgrade_version
     wait_until(lambda: box.main_pid(UNIT) not in (0, old) and connected(box), 60, "the restarted daemon")
     assert box.show(UNIT, "NeedDaemonReload")["NeedDaemonReload"] == "no"
-    chat.say("ping-7")
+    assert file_digests(box, *kept) == before, "the upgrade changed a configuration file"
+    assert state_before <= set(box.run("find", "/var/lib/dingdifyd/ci").stdout.split()), "state was lost"
+    chat.say("ping-7")  # the same Dify conversation, turn 7
+
+
+@step
+def test_upgrade_keeps_an_instance_whose_config_the_new_version_refuses(container: Container, chat: Chat) -> None:
+    """Bad input: the file was edited into something the (new) version refuses, and not reloaded. An upgrade
+    (here: the package reinstalled, which runs the same maintainer scripts) leaves that instance running, and
+    both apt's output and the unit's journal say why."""
+    box = container
+    old = box.main_pid(UNIT)
+    since = time.time()
+    write_config(box, card_update_interval=0.08, dify_app_type="nonsense")
+    upgraded = box.run("apt-get", "install", "--reinstall", "-y", "dingdifyd", timeout=300)
+    output = upgraded.stdout + upgraded.stderr
+    assert f"{UNIT}.service: not restarted with the new version of dingdifyd, which refuses {CONFIG}" in output, output
+    assert "bots[0].dify_app_type: 'nonsense' is not one of" in output
+    assert box.main_pid(UNIT) == old and connected(box)
+    why = record(box, "not restarted with the new version of dingdifyd", since)
+    assert why is not None and why["PRIORITY"] == "3", why
+    assert "bots[0].dify_app_type" in why["MESSAGE"]
+    chat.say("ping-8")
+    write_config(box, card_update_interval=0.08)
+    box.run("systemctl", "restart", UNIT)
+    wait_until(lambda: connected(box), 60, "the restarted daemon")
 
 
 @step
@@ -479,10 +626,11 @@ def test_stop_is_clean(container: Container) -> None:
 
 
 @step
-def test_purge_stops_instances_and_removes_state(container: Container) -> None:
+def test_purge_removes_what_the_package_made_and_nothing_else(container: Container) -> None:
     box = container
     box.run("systemctl", "start", UNIT)
     assert box.path("/var/lib/dingdifyd/ci/helpdesk").is_dir()
+    box.run("systemctl", "stop", SIMULATOR_UNIT, "apt-repository", check=False)
     box.run("apt-get", "purge", "-y", "dingdifyd", timeout=180)
     assert box.show(UNIT, "ActiveState")["ActiveState"] in ("inactive", "failed")
     assert box.run("pgrep", "-f", "dingdifyd run -c", check=False).stdout.strip() == ""
@@ -490,4 +638,24 @@ def test_purge_stops_instances_and_removes_state(container: Container) -> None:
     assert not box.path("/usr/bin/dingdifyd").exists()
     assert not box.path("/etc/dingdifyd/example.yaml").exists()
     assert box.path(CONFIG).exists(), "purge removed the admin's own config"
-    box.run("systemctl", "stop", SIMULATOR_UNIT, check=False)
+    after = snapshot(box)
+    assert box.baseline - after == set(), "purge removed files that were there before the package"
+    # what is left is the admin's: the instance's config, credential and drop-in, the repository's key and source
+    admin = {"/etc/dingdifyd", CONFIG, str(Path(CREDENTIAL).parent), CREDENTIAL, DROP_IN_DIR,
+             f"{DROP_IN_DIR}/credentials.conf", "/etc/apt/keyrings/dingdifyd.asc",
+             "/etc/apt/sources.list.d/dingdifyd.sources"}  # fmt: skip
+    # the account stays, as Debian leaves system accounts (its files elsewhere may still be its)
+    accounts = {f"/etc/{name}-" for name in ("passwd", "group", "shadow", "gshadow")}
+    left = after - box.baseline - admin - accounts
+    assert left == set(), f"left behind by the package: {sorted(left)}"
+
+
+@step
+def test_install_from_a_deb_file(container: Container, debs: Debs) -> None:
+    """The README's other way in: the .deb file itself (its dependencies are in the container already)."""
+    box = container
+    [line] = [line for line in readme.block("install-deb") if line.startswith("apt-get install")]
+    command = re.sub(r"\./dingdifyd_\S+\.deb", f"./{debs.upgrade.name}", line)
+    box.run("sh", "-c", f"cd /srv/debs && {command}", timeout=180)
+    assert box.run("dpkg-query", "-W", "-f", "${Version}", "dingdifyd").stdout == debs.upgrade_version
+    assert box.run("dingdifyd", "check-config", "-q", "-c", "/etc/dingdifyd/example.yaml").returncode == 0
