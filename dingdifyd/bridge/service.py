@@ -61,8 +61,11 @@ class BridgeService:
         clock: Callable[[], float] = time.monotonic,
         files: MessageFiles | None = None,
         scheduler: CardScheduler | None = None,
+        interrupted_note: str = INTERRUPTED,
     ):
         self.bot = bot
+        # what an answer cut short by a stop says (the terminal chat's Ctrl-C restarts nothing)
+        self.interrupted_note = interrupted_note
         # the app's card-call scheduler, shared by every answer (None: each card unpaced, as in the terminal)
         self.scheduler = scheduler
         self.store = store
@@ -179,7 +182,8 @@ class BridgeService:
         except asyncio.CancelledError:
             outcome = "interrupted"
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(streamer.fail(_with_note(streamer.text, INTERRUPTED))), 10)
+                ending = streamer.fail(_with_note(streamer.text, self.interrupted_note))
+                await asyncio.wait_for(asyncio.shield(ending), 10)
             raise
         except PeerError as exc:
             log.warning(
