@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_status(args.config, as_json=args.json)
         if args.command == "setup":
-            from dingdifyd.setup import run_setup
+            from dingdifyd.guided_setup import run_setup
 
             return run_setup(args.name, config_dir=args.config_dir, api_base=args.dingtalk_api_base,
                              oapi_base=args.dingtalk_oapi_base, systemd_dir=args.systemd_dir)  # fmt: skip

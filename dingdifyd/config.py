@@ -248,7 +248,12 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         raise ConfigError([f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
-    loader = _Loader(str(path), environ)
+    return parse(raw, str(path), environ)
+
+
+def parse(raw: Any, path: str, environ: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Validate an already read configuration (e.g. one `dingdifyd setup` is about to write). Raises ConfigError."""
+    loader = _Loader(path, os.environ if environ is None else environ)
     config = loader.build(raw)
     if loader.problems:
         raise ConfigError(loader.problems)
