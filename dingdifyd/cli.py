@@ -35,6 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--bot", required=True, metavar="NAME")
     chat.add_argument("--user", default="terminal", help="the user id the terminal chats as (default: terminal)")
 
+    status = commands.add_parser("status", help="live state of the running instances and their bots")
+    status.add_argument("-c", "--config", metavar="FILE", help="this instance only (default: every instance)")
+    status.add_argument("--json", action="store_true", help="the status documents as JSON")
+
+    setup = commands.add_parser("setup", help="create /etc/dingdifyd/NAME.yaml step by step (QR code registration)")
+    setup.add_argument("name", metavar="NAME", help="the instance: its config is NAME.yaml, its unit dingdifyd@NAME")
+    setup.add_argument("--config-dir", default="/etc/dingdifyd", metavar="DIR",
+                       help="where to write (default %(default)s)")  # fmt: skip
+    setup.add_argument("--dingtalk-api-base", default="https://api.dingtalk.com", metavar="URL", help=argparse.SUPPRESS)
+    setup.add_argument("--dingtalk-oapi-base", default="https://oapi.dingtalk.com", metavar="URL",
+                       help=argparse.SUPPRESS)  # fmt: skip
+    setup.add_argument("--systemd-dir", default="/etc/systemd/system", metavar="DIR", help=argparse.SUPPRESS)
+
     demo = commands.add_parser("demo", help="run the daemon against built-in DingTalk and Dify simulators")
     demo.add_argument("--speed", type=float, default=1.0, help="answer speed factor (default 1.0)")
     return parser
@@ -61,12 +74,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dingdifyd.chat import run_chat
 
             return run_chat(args.config, args.bot, args.user)
+        if args.command == "status":
+            from dingdifyd.status import run_status
+
+            return run_status(args.config, as_json=args.json)
+        if args.command == "setup":
+            from dingdifyd.guided_setup import run_setup
+
+            return run_setup(args.name, config_dir=args.config_dir, api_base=args.dingtalk_api_base,
+                             oapi_base=args.dingtalk_oapi_base, systemd_dir=args.systemd_dir)  # fmt: skip
         if args.command == "demo":
             from dingdifyd.demo import run_demo
 
             return run_demo(speed=args.speed)
     except ConfigError as exc:
-        _print_problems(args.config, exc)
+        _print_problems(getattr(args, "config", None) or args.command, exc)
         return EX_CONFIG
     except DingdifydError as exc:
         print(f"dingdifyd: {exc}", file=sys.stderr)

@@ -154,6 +154,8 @@ class DaemonConfig:
     heartbeat_timeout: float = 30.0  # a child whose loop is silent this long is replaced
     restart_delay_min: float = 1.0  # back-off before restarting a crashed bot process, doubling per crash
     restart_delay_max: float = 60.0
+    metrics_listen: str | None = None  # HOST:PORT or unix:/PATH: the Prometheus endpoint; None: off
+    status_socket: str | None = None  # None: $RUNTIME_DIRECTORY/status.sock (runtime_paths.py); "off": none
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def bot(self, name: str) -> BotConfig:
@@ -201,7 +203,9 @@ INHERITED_KEYS = (
     "default_image_query",
     "default_file_query",
 )
-DAEMON_KEYS = ("stop_timeout", "heartbeat_timeout", "restart_delay_min", "restart_delay_max")
+DAEMON_KEYS = (
+    "stop_timeout", "heartbeat_timeout", "restart_delay_min", "restart_delay_max", "metrics_listen", "status_socket",
+)  # fmt: skip
 # Old `.env` names with no meaning here; accepted so an old EnvironmentFile does not produce noise.
 IGNORED_TOP_KEYS = ("default_max_workers",)
 BOT_ONLY_KEYS = (
@@ -244,7 +248,12 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         raise ConfigError([f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
-    loader = _Loader(str(path), environ)
+    return parse(raw, str(path), environ)
+
+
+def parse(raw: Any, path: str, environ: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Validate an already read configuration (e.g. one `dingdifyd setup` is about to write). Raises ConfigError."""
+    loader = _Loader(path, os.environ if environ is None else environ)
     config = loader.build(raw)
     if loader.problems:
         raise ConfigError(loader.problems)
@@ -279,6 +288,8 @@ class _Loader:
         }
         if daemon["restart_delay_max"] < daemon["restart_delay_min"]:
             self.problem("restart_delay_max", "must be >= restart_delay_min")
+        daemon["metrics_listen"] = self.listen_address("metrics_listen", raw.get("metrics_listen"))
+        daemon["status_socket"] = self.socket_path("status_socket", raw.get("status_socket"))
         bots_raw = raw.get("bots")
         bots: list[tuple[int, BotConfig]] = []
         if bots_raw is None:
@@ -535,6 +546,27 @@ class _Loader:
             return minimum
         return number
 
+    def listen_address(self, key: str, value: Any) -> str | None:
+        """`HOST:PORT`, `[IPV6]:PORT` or `unix:/PATH`; none (the default): off."""
+        text = self.optional_str(value)
+        if text is None or text.lower() in ("off", "false", "no"):
+            return None
+        from dingdifyd.supervisor.endpoints import parse_listen  # the one parser, also used to bind
+
+        try:
+            parse_listen(text)
+        except ValueError as exc:
+            self.problem(key, f"{value!r}: {exc}")
+        return text
+
+    def socket_path(self, key: str, value: Any) -> str | None:
+        text = self.optional_str(value)
+        if text is None or text == "off":
+            return text
+        if not text.startswith("/"):
+            self.problem(key, f"{value!r} must be an absolute path, or off")
+        return text
+
     def url(self, key: str, value: Any) -> str:
         text = str(value or "").strip().rstrip("/")
         parts = urlsplit(text)
@@ -661,6 +693,8 @@ def render_effective(config: DaemonConfig, reveal: Callable[[Any], Any] = masked
         "heartbeat_timeout": config.heartbeat_timeout,
         "restart_delay_min": config.restart_delay_min,
         "restart_delay_max": config.restart_delay_max,
+        "metrics_listen": config.metrics_listen,
+        "status_socket": config.status_socket,
         "bots": [{f.name: reveal(getattr(bot, f.name)) for f in dataclasses.fields(bot)} for bot in config.bots],
     }
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)

@@ -282,7 +282,7 @@ class BotDoctor:
             return fail(name, detail, f"set {where}.dify_app_type: {report.actual or 'auto'}")
         mode = f" (mode {report.mode})" if report.mode else ""
         if report.configured == AUTO:
-            return ok(name, f"auto: a {report.actual or 'chat'} app{mode}")
+            return ok(name, f"auto: a {report.describe() if report.actual else 'chat-route app'}")
         if report.actual is None:
             return ok(name, f"{report.configured}: the app answers on the {family(report.configured)} routes")
         if report.actual != report.configured:

@@ -17,13 +17,10 @@ from collections.abc import Mapping
 from typing import TextIO
 
 from dingdifyd.config import Secret
+from dingdifyd.journal import JOURNAL_SOCKET, JournalHandler, JournalSender, journal_available, syslog_priority
 
 SUPERVISOR_TAG = "supervisor"
 REDACTED = "****"
-
-# sd-daemon(3) priorities
-_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
-_DEBUG_PRIORITY = 7
 
 # Third-party loggers that talk too much at INFO. The DingTalk SDK also logs its connection ticket at INFO.
 NOISY_LOGGERS = {
@@ -66,17 +63,12 @@ def redact(text: str) -> str:
     return text
 
 
-def syslog_priority(levelno: int) -> int:
-    for threshold, priority in _PRIORITIES:
-        if levelno >= threshold:
-            return priority
-    return _DEBUG_PRIORITY
-
-
 class DingdifydFormatter(logging.Formatter):
     """Names the process in every line, redacts secrets, and prefixes each line with `<N>` for journald."""
 
-    def __init__(self, tag: str, *, journal: bool):
+    def __init__(self, tag: str, *, journal: bool, prefix: bool = True):
+        """`journal`: no timestamp, journald stamps each entry; `prefix`: `<N>` on each line (a stream to the
+        journal; a native entry carries its PRIORITY field instead)."""
         escaped = tag.replace("%", "%%")
         if journal:
             fmt = f"[{escaped}] %(name)s: %(message)s"
@@ -84,6 +76,7 @@ class DingdifydFormatter(logging.Formatter):
             fmt = f"%(asctime)s %(levelname)s [{escaped}] %(name)s: %(message)s"
         super().__init__(fmt)
         self.journal = journal
+        self.prefix = journal and prefix
 
     def format(self, record: logging.LogRecord) -> str:
         try:
@@ -94,7 +87,7 @@ class DingdifydFormatter(logging.Formatter):
             record.args = None
             text = super().format(record)
         text = redact(text)
-        if not self.journal:
+        if not self.prefix:
             return text
         # every line of a traceback needs the prefix, or journald files it at the default priority
         prefix = f"<{syslog_priority(record.levelno)}>"
@@ -141,10 +134,13 @@ def setup_logging(
     stream: TextIO | None = None,
     journal: bool | None = None,
     environ: Mapping[str, str] | None = None,
+    journal_socket: str | None = JOURNAL_SOCKET,
 ) -> logging.Handler:
     """Install the one root handler for this process, replacing any earlier one. Safe to call again.
 
     `bot` names the bot process (None: the supervisor). `journal` None detects it from `$JOURNAL_STREAM`.
+    Under the journal, entries go to `journal_socket` with structured fields (journal.py) when it exists, and
+    to the stream with `<N>` prefixes otherwise (or when it is None).
     """
     stream = sys.stderr if stream is None else stream
     if journal is None:
@@ -158,13 +154,20 @@ def setup_logging(
         for name, floor in NOISY_LOGGERS.items()
     }
 
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(DingdifydFormatter(bot or SUPERVISOR_TAG, journal=journal))
+    tag = bot or SUPERVISOR_TAG
+    handler: logging.Handler = logging.StreamHandler(stream)
+    handler.setFormatter(DingdifydFormatter(tag, journal=journal))
+    if journal and journal_socket is not None and journal_available(journal_socket):
+        native = JournalHandler(bot=bot, fallback=handler, sender=JournalSender(journal_socket))
+        native.setFormatter(DingdifydFormatter(tag, journal=True, prefix=False))
+        handler = native
     handler.addFilter(_NoisyLoggerFilter(floors))
 
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        if isinstance(old, JournalHandler):
+            old.close()  # its socket (in a forked child: the child's copy of the supervisor's)
     root.addHandler(handler)
     root.setLevel(levelno)
 

@@ -74,6 +74,7 @@ class RedisStore:
     distinct bot names) may share one Redis database."""
 
     shared = True
+    on_error: Callable[[], None] | None = None  # told of every failed call (the metrics' store errors)
 
     def __init__(
         self,
@@ -138,6 +139,8 @@ class RedisStore:
         return result
 
     def _fail(self, what: str, exc: Exception) -> None:
+        if self.on_error is not None:
+            self.on_error()
         self._down_until = self._clock() + self._retry_after
         if not self._down:
             self._down = True

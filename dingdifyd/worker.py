@@ -13,11 +13,13 @@ import logging
 import signal
 import sys
 from multiprocessing.connection import Connection
+from typing import Any
 
 import aiohttp
 
 from dingdifyd.adoption import tend_shared_store
 from dingdifyd.appsetup import bot_client, dify_session, key_path, start_apps
+from dingdifyd.botstats import BotStats, ErrorCountingStore, ProblemRecorder
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.config import BotConfig, DaemonConfig
@@ -45,6 +47,7 @@ class BotRuntime:
         *,
         late_delivery_after: float = LATE_AFTER,
         card_backoff: dict[str, float] | None = None,
+        stats: BotStats | None = None,
     ):
         """`card_backoff`: the card scheduler's hold_base / retry_base ... (tests shorten DingTalk's 1 s)."""
         self.bot = bot
@@ -57,6 +60,7 @@ class BotRuntime:
         self.scheduler: CardScheduler | None = None
         self._card_backoff = card_backoff or {}
         self.delivery_watch = DeliveryWatch(bot.dingtalk_app_client_id, late_after=late_delivery_after)
+        self.stats = stats if stats is not None else BotStats()  # what `dingdifyd status` and the metrics show
         self._stop = asyncio.Event()
         self.connected = asyncio.Event()
 
@@ -69,6 +73,7 @@ class BotRuntime:
         self.bridge.submit(message)
 
     def _on_state(self, state: str) -> None:
+        self.stats.connection(state)
         if state == "connected":
             self.delivery_watch.connected()
             self.connected.set()
@@ -82,7 +87,8 @@ class BotRuntime:
 
     async def run(self) -> int:
         bot = self.bot
-        store = self.store = open_store(bot.store, bot.state_dir, bot.name)
+        store = self.store = ErrorCountingStore(open_store(bot.store, bot.state_dir, bot.name), self.stats.store_error)
+        self.stats.attach_store(store)
         try:
             # two sessions: long Dify streams must never hold up DingTalk's short calls (cards, files)
             async with aiohttp.ClientSession() as http, dify_session() as dify_http:
@@ -91,7 +97,7 @@ class BotRuntime:
                 api = DingTalkApi(
                     client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
                     session=http, api_base=bot.dingtalk_api_base, oapi_base=bot.dingtalk_oapi_base,
-                    timeout=bot.dingtalk_timeout, on_call=accounting.record,
+                    timeout=bot.dingtalk_timeout, on_call=accounting.record, on_result=self.stats.dingtalk_call,
                 )  # fmt: skip
                 scheduler = self.scheduler = CardScheduler(
                     bot.dingtalk_card_qps, pacing=accounting.pacing, **self._card_backoff
@@ -102,7 +108,7 @@ class BotRuntime:
                 )
                 self.bridge = BridgeService(
                     bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id),
-                    files=DingTalkFiles(api), scheduler=scheduler,
+                    files=DingTalkFiles(api), scheduler=scheduler, on_answer=self.stats.answer,
                 )  # fmt: skip
                 self.connection = StreamConnection(
                     client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
@@ -112,6 +118,17 @@ class BotRuntime:
                 return await self._serve()
         finally:
             store.close()
+
+    def report(self) -> dict[str, Any]:
+        """What goes to the supervisor with each heartbeat: counts, live status, metrics (botstats.py)."""
+        accounting, scheduler = self.accounting, self.scheduler
+        return self.stats.report(
+            in_flight=self.bridge.in_flight if self.bridge is not None else 0,
+            queued=len(scheduler.policy) if scheduler is not None else 0,
+            calls=accounting.stats() if accounting is not None else None,
+            budget=self.bot.dingtalk_api_monthly_budget,
+            pacing=accounting.pacing().level if accounting is not None else "normal",
+        )  # fmt: skip
 
     async def _serve(self) -> int:
         assert self.bridge is not None and self.connection is not None and self.store is not None
@@ -131,8 +148,7 @@ class BotRuntime:
         beats = None
         if self.channel is not None:
             interval = heartbeat_interval(self.daemon.heartbeat_timeout)
-            stats = self.accounting.stats if self.accounting is not None else None
-            beats = asyncio.create_task(heartbeat_loop(self.channel, interval, lambda: bridge.in_flight, stats))
+            beats = asyncio.create_task(heartbeat_loop(self.channel, interval, lambda: bridge.in_flight, self.report))
             watched.add(beats)  # it returns when the supervisor is gone: an orphan stops too
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
@@ -161,17 +177,21 @@ class BotRuntime:
 def bot_process_main(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
     """The child process. The supervisor has already reset inherited signal state and set up logging."""
     channel = ParentChannel(conn)
+    stats = BotStats()
+    logging.getLogger().addHandler(ProblemRecorder(stats))  # the last error `dingdifyd status` shows
     try:
-        code = asyncio.run(_run_with_signals(bot, daemon, channel))
+        code = asyncio.run(_run_with_signals(bot, daemon, channel, stats))
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("config: %s", problem)
         code = EX_CONFIG
+    # a last word before exiting: why (the supervisor shows it for a bot it gave up on), and the final counts
+    channel.heartbeat(0, stats.report())
     sys.exit(code)
 
 
-async def _run_with_signals(bot: BotConfig, daemon: DaemonConfig, channel: ParentChannel) -> int:
-    runtime = BotRuntime(bot, daemon, channel)
+async def _run_with_signals(bot: BotConfig, daemon: DaemonConfig, channel: ParentChannel, stats: BotStats) -> int:
+    runtime = BotRuntime(bot, daemon, channel, stats=stats)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runtime.request_stop)

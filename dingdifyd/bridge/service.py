@@ -18,11 +18,12 @@ from dingdifyd.bridge import intake, session
 from dingdifyd.bridge.access import AccessPolicy
 from dingdifyd.bridge.apps import AppRouter
 from dingdifyd.bridge.coalesce import UpdatePolicy
-from dingdifyd.bridge.commands import ChatCommands
+from dingdifyd.bridge.commands import ChatCommands, parse_command
 from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
 from dingdifyd.bridge.progress import with_suggestions
+from dingdifyd.bridge.report import AnswerReport
 from dingdifyd.bridge.rich import RichAnswer
 from dingdifyd.bridge.running import AnswerTurn, RunningAnswers, stopped_text
 from dingdifyd.bridge.streamer import CardStreamer
@@ -38,6 +39,8 @@ from dingdifyd.dify.events import (
 )
 from dingdifyd.dingtalk.scheduler import CardScheduler
 from dingdifyd.errors import ConversationNotFound, PeerError
+from dingdifyd.logfields import event as log_event
+from dingdifyd.logfields import message_context
 from dingdifyd.store import InFlight, Store
 
 log = logging.getLogger(__name__)
@@ -61,8 +64,13 @@ class BridgeService:
         clock: Callable[[], float] = time.monotonic,
         files: MessageFiles | None = None,
         scheduler: CardScheduler | None = None,
+        interrupted_note: str = INTERRUPTED,
+        on_answer: Callable[[AnswerReport], None] | None = None,
     ):
         self.bot = bot
+        # what an answer cut short by a stop says (the terminal chat's Ctrl-C restarts nothing)
+        self.interrupted_note = interrupted_note
+        self.on_answer = on_answer  # how each message's handling ended: the bot's status and metrics
         # the app's card-call scheduler, shared by every answer (None: each card unpaced, as in the terminal)
         self.scheduler = scheduler
         self.store = store
@@ -100,12 +108,16 @@ class BridgeService:
         if not intake.answerable(message):
             log.warning("message %s has no sender or conversation to answer; ignored", message.msg_id)
             return False
+        about = {"msg_id": message.msg_id, "conversation_id": message.conversation_id}
         if not self.store.claim_message(key):
-            log.info("message %s is a redelivery; already answered or being answered", message.msg_id)
+            log.info("message %s is a redelivery; already answered or being answered", message.msg_id,
+                     extra=log_event("duplicate", **about))  # fmt: skip
             return False
         refusal = self.access.refusal(message)
         if refusal is not None:
-            log.info("message %s from %s refused (%s)", message.msg_id, message.user_id, refusal)
+            log.info("message %s from %s refused (%s)", message.msg_id, message.user_id, refusal,
+                     extra=log_event("refused", **about))  # fmt: skip
+            self._report(AnswerReport("refused"))
             self._refuse(message)
             return True
         record = InFlight(key, dataclasses.asdict(message), session.out_track_id(message), attempts=1)
@@ -113,7 +125,7 @@ class BridgeService:
         log.info(
             "message %s from %s in %s chat %s (%s, %d chars)",
             message.msg_id, message.user_id, "group" if message.is_group else "1:1",
-            message.conversation_id, message.msg_type, len(message.text),
+            message.conversation_id, message.msg_type, len(message.text), extra=log_event("received", **about),
         )  # fmt: skip
         self._spawn(message, record, resumed=False)
         return True
@@ -157,7 +169,10 @@ class BridgeService:
     # --- one message --------------------------------------------------------------------------------------
 
     def _spawn(self, message: IncomingMessage, record: InFlight, *, resumed: bool) -> None:
-        task = asyncio.create_task(self._answer(message, record, resumed), name=f"answer-{message.msg_id}")
+        task = asyncio.create_task(
+            self._answer(message, record, resumed), name=f"answer-{message.msg_id}",
+            context=message_context(message.msg_id, message.conversation_id),  # its log lines name the message
+        )  # fmt: skip
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -170,6 +185,7 @@ class BridgeService:
 
         streamer = CardStreamer(card, self.policy, plain, self.clock, scheduler=self.scheduler)
         outcome = "failed"
+        error: BaseException | None = None
         try:
             await streamer.open(already_exists_ok=resumed)
             if record.attempts > MAX_ATTEMPTS:
@@ -179,9 +195,11 @@ class BridgeService:
         except asyncio.CancelledError:
             outcome = "interrupted"
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(streamer.fail(_with_note(streamer.text, INTERRUPTED))), 10)
+                ending = streamer.fail(_with_note(streamer.text, self.interrupted_note))
+                await asyncio.wait_for(asyncio.shield(ending), 10)
             raise
         except PeerError as exc:
+            error = exc
             log.warning(
                 "message %s: %s (status=%s code=%s): %s",
                 message.msg_id,
@@ -191,7 +209,8 @@ class BridgeService:
                 exc,
             )
             await streamer.fail(_with_note(streamer.text, exc.user_message))
-        except Exception:
+        except Exception as exc:
+            error = exc
             log.exception("message %s: unexpected error", message.msg_id)
             await streamer.fail(_with_note(streamer.text, INTERNAL_ERROR))
         finally:
@@ -208,7 +227,21 @@ class BridgeService:
                 streamer.calls,
                 len(streamer.text),
                 ", sent as a plain reply" if streamer.delivered_by == "reply" else "",
+                extra=log_event(outcome),
             )
+            shown = streamer.first_shown_at
+            command = parse_command(message.text, self.bot.command_prefix)
+            self._report(AnswerReport(
+                outcome, self.clock() - started, shown - started if shown is not None else None, error,
+                dify_answered=outcome == "answered" and (command is None or command.name not in ChatCommands.KNOWN),
+            ))  # fmt: skip
+
+    def _report(self, report: AnswerReport) -> None:
+        if self.on_answer is not None:
+            try:
+                self.on_answer(report)
+            except Exception:  # the figures must never cost an answer
+                log.exception("reporting an answer failed")
 
     def _refuse(self, message: IncomingMessage) -> None:
         """A refused person gets the polite reply through the sessionWebhook: no card, no API quota used."""

@@ -79,6 +79,7 @@ class CardStreamer:
         self.calls = 0  # card calls made for this answer (each attempt counts: DingTalk counts them too)
         self.updates_sent = 0
         self.delivered_by: str | None = None  # "card", "reply", or None (not delivered)
+        self.first_shown_at: float | None = None  # when the person first saw text of this answer (clock time)
 
     @property
     def text(self) -> str:
@@ -132,6 +133,7 @@ class CardStreamer:
         try:
             await self._plain_reply(text)
             self.delivered_by = "reply"
+            self._shown_now()
         except PeerError as exc:
             log.error("the answer could not be delivered at all: card and plain reply failed (%s)", _brief(exc))
 
@@ -225,6 +227,7 @@ class CardStreamer:
             assert self._ending is not None
             text, error = self._ending
             await (self._card.fail(text) if error else self._card.finish(text))
+            self._shown_now()
             self._settle(True)
         else:
             snapshot = self._text
@@ -232,6 +235,7 @@ class CardStreamer:
             await self._card.update(shown)
             self._sent, self._shown, self._sent_at = snapshot, shown, self._clock()
             self.updates_sent += 1
+            self._shown_now()
 
     def _failed(self, call: _Call, exc: Exception) -> TurnOutcome:
         rate_limited = isinstance(exc, DingTalkRateLimited)
@@ -268,6 +272,10 @@ class CardStreamer:
             self._updates_broken = True
             log.info("card update failed (%s); the card waits for the final answer", _brief(exc))
         return outcome
+
+    def _shown_now(self) -> None:
+        if self.first_shown_at is None:
+            self.first_shown_at = self._clock()
 
     def _settle(self, delivered: bool) -> None:
         if self._final is not None and not self._final.done():

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 PROBE_USER = "dingdifyd-probe"
 ROUTE_MISMATCH_CODES = ("not_chat_app", "not_completion_app", "not_workflow_app", "app_unavailable")
 START_CHECK_TIMEOUT = 15.0  # a Dify slow to answer delays the bot's start no longer than this
+CHAT_ROUTE_APP = "chat-route app (chatbot, agent or chatflow: this Dify does not say which)"
 
 
 def family(app_type: str) -> str:
@@ -42,7 +43,15 @@ class AppTypeReport:
     def matches(self) -> bool:
         return self.configured == AUTO or self.actual is None or family(self.actual) == family(self.configured)
 
+    @property
+    def only_family_known(self) -> bool:
+        """An older Dify (no mode in `GET /info`) confirmed the route family only: a chat-route app may be a
+        chatbot, an agent or a chatflow, and nothing here can tell which."""
+        return self.mode is None and self.actual is not None and family(self.actual) == "chat"
+
     def describe(self) -> str:
+        if self.only_family_known:
+            return CHAT_ROUTE_APP
         kind = self.actual or family(self.configured)
         mode = f", mode {self.mode}" if self.mode else ""
         return f"{kind} app{mode}"

@@ -115,6 +115,7 @@ class DingTalkApi:
         oapi_base: str = "https://oapi.dingtalk.com",
         timeout: float = 10.0,
         on_call: Callable[[str], None] | None = None,
+        on_result: Callable[[str, int | None, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         retry_base_delay: float = 1.0,
         retry_max_delay: float = 10.0,
@@ -130,6 +131,7 @@ class DingTalkApi:
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self._clock = clock
         self._on_call = on_call
+        self._on_result = on_result  # (api, HTTP status or None when unanswered, error code): the metrics
         self._retry_base_delay = retry_base_delay
         self._retry_max_delay = retry_max_delay
         self._max_attempts = max(1, max_attempts)
@@ -239,10 +241,15 @@ class DingTalkApi:
             if with_token:
                 token = await self.access_token()
                 headers[TOKEN_HEADER] = token
-            status, raw = await self._send(method, url, api=api, body=body, headers=headers)
+            try:
+                status, raw = await self._send(method, url, api=api, body=body, headers=headers)
+            except DingTalkUnavailable:
+                self._observe(api, None, "")
+                raise
             if with_token:
                 self._count(api)
             payload = _parse_json(raw)
+            self._observe(api, status, _error_code(payload))
             if 200 <= status < 300:
                 return payload
             code = _error_code(payload)
@@ -268,6 +275,13 @@ class DingTalkApi:
                 self._on_call(api)
             except Exception:  # the accounting must never break a call
                 log.exception("counting a DingTalk call failed")
+
+    def _observe(self, api: str, status: int | None, code: str) -> None:
+        if self._on_result is not None:
+            try:
+                self._on_result(api, status, code)
+            except Exception:  # like the accounting: never at a call's expense
+                log.exception("observing a DingTalk call failed")
 
     # --- cards ----------------------------------------------------------------------------------------
 

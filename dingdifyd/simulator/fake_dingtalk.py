@@ -26,6 +26,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from dingdifyd.simulator.fake_registration import FakeRegistration
+
 log = logging.getLogger(__name__)
 
 CHATBOT_TOPIC = "/v1.0/im/bot/messages/get"
@@ -311,6 +313,8 @@ class FakeDingTalk:
         self._runner: web.AppRunner | None = None
         # more routes served next to DingTalk's, added before start() (the simulator's /_sim/ control API)
         self.extra_routes: list[web.AbstractRouteDef] = []
+        # the QR-code app registration on the oapi side (dingdifyd setup)
+        self.registration = FakeRegistration(self)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -338,6 +342,7 @@ class FakeDingTalk:
         app.router.add_post("/robot/sendBySession", self._send_by_session)
         app.router.add_post("/media/upload", self._media_upload)
         app.router.add_get("/files/{file_id}", self._serve_file)
+        app.router.add_routes(self.registration.routes())
         app.router.add_routes(self.extra_routes)
         # No access log: its lines would carry session= and access_token= query strings.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

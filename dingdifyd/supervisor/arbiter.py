@@ -29,8 +29,12 @@ from typing import Any
 import dingdifyd.config
 from dingdifyd.config import SECRET_KEYS, BotConfig, DaemonConfig
 from dingdifyd.errors import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_USAGE, ConfigError
+from dingdifyd.logfields import event
 from dingdifyd.logsetup import register_secret, setup_logging
+from dingdifyd.runtime_paths import served_status_socket
 from dingdifyd.supervisor.backoff import Backoff
+from dingdifyd.supervisor.endpoints import Endpoints, MetricsEndpoint, StatusEndpoint
+from dingdifyd.supervisor.live import LiveView
 from dingdifyd.supervisor.notify import Notifier, watchdog_interval
 from dingdifyd.supervisor.signals import SignalQueue, reset_in_child
 from dingdifyd.supervisor.state import (
@@ -128,6 +132,8 @@ class Arbiter:
         self._last_status: str | None = None
         self._watchdog_interval = watchdog_interval()
         self._next_ping = 0.0
+        self._live = LiveView(config_path)  # pids, restarts, the bots' own reports: status and metrics
+        self._endpoints = Endpoints()
 
     # --- entry ---------------------------------------------------------------------------------------
 
@@ -145,6 +151,12 @@ class Arbiter:
             return EX_USAGE
         self._apply_daemon_config(config)
         self._configs = selected
+        try:
+            self._endpoints = self._open_endpoints(config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("config: %s", problem)
+            return EX_CONFIG
         self._signals = SignalQueue()
         self._signals.install()
         try:
@@ -157,6 +169,7 @@ class Arbiter:
             self._kill_leftovers()
             self._signals.uninstall()
             self._signals = None
+            self._endpoints.close()
 
     def _loop(self) -> int:
         assert self._signals is not None
@@ -167,13 +180,14 @@ class Arbiter:
             for child in list(self._children.values()):
                 if child.reader in ready:
                     self._read_messages(child)
+            self._endpoints.serve(ready)
             self._reap()
             for name, lifecycle in list(self._lifecycles.items()):
                 self._execute(name, lifecycle.tick())
             self._forget_removed()
             if self._stopping:
                 if not self._children:
-                    log.info("all bot processes stopped")
+                    log.info("all bot processes stopped", extra=event("stopped"))
                     return EX_OK
             elif not self._children and all_fatal(self._wanted()):
                 log.error("every bot failed on its configuration (exit 78); nothing left to run")
@@ -203,6 +217,34 @@ class Arbiter:
             lifecycle.kill_grace = self._kill_grace()
             lifecycle.backoff.minimum = config.restart_delay_min
             lifecycle.backoff.maximum = config.restart_delay_max
+
+    def _open_endpoints(self, config: DaemonConfig) -> Endpoints:
+        """The status socket and the metrics endpoint, bound before any fork (the children close their copies).
+        Both are set at start: a reload that changes them is told to restart instead."""
+        endpoints = Endpoints()
+        try:
+            path = served_status_socket(self._config_path, config.status_socket, os.environ)
+            if path is not None:
+                endpoints.status = StatusEndpoint(path, self._status_document)
+            else:
+                log.info("no status socket (no $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR; see status_socket)")
+            if config.metrics_listen:
+                from dingdifyd.supervisor.exposition import CONTENT_TYPE, render
+
+                def metrics() -> bytes:
+                    return render(self._live.metrics(self._lifecycles, list(self._lifecycles)))
+
+                endpoints.metrics = MetricsEndpoint(config.metrics_listen, metrics, CONTENT_TYPE)
+        except BaseException:
+            endpoints.close()
+            raise
+        return endpoints
+
+    def _status_document(self) -> dict[str, Any]:
+        return self._live.status_document(
+            self._lifecycles, list(self._lifecycles), status_line=self._last_status or "starting",
+            ready=not self._ready_pending, stopping=self._stopping, monotonic_now=self._clock(),
+        )  # fmt: skip
 
     def _kill_grace(self) -> float:
         assert self._daemon is not None
@@ -252,6 +294,7 @@ class Arbiter:
             signame,
             len(self._children),
             grace,
+            extra=event("stopping"),
         )
         for name, lifecycle in list(self._lifecycles.items()):
             self._execute(name, lifecycle.stop(grace))
@@ -279,6 +322,9 @@ class Arbiter:
             return
         self._status_note = ""
         old_daemon, old = self._daemon, self._configs
+        for key in ("metrics_listen", "status_socket"):
+            if old_daemon is not None and getattr(config, key) != getattr(old_daemon, key):
+                log.warning("reload: %s changed; it takes effect when the service restarts", key)
         # children were handed the daemon-level settings at fork: if those changed, every child is stale
         daemon_changed = _daemon_settings(config) != _daemon_settings(old_daemon)
         self._apply_daemon_config(config)
@@ -304,6 +350,7 @@ class Arbiter:
         log.info(
             "reloaded: %d added, %d removed, %d restarted, %d unchanged",
             len(added), len(removed), len(changed), len(selected) - len(added) - len(changed),
+            extra=event("reloaded"),
         )  # fmt: skip
 
     # --- children ------------------------------------------------------------------------------------
@@ -318,6 +365,7 @@ class Arbiter:
                         "%s: no heartbeat for %.0f s; terminating it",
                         name,
                         self._lifecycles[name].heartbeat_timeout,
+                        extra=event("unresponsive", bot=name),
                     )
                 self._signal(name, signal.SIGTERM)
             elif isinstance(action, Kill):
@@ -358,11 +406,14 @@ class Arbiter:
         finally:
             writer.close()
         lifecycle.spawned()
-        log.info("%s: started (pid %s)", name, child.process.pid)
+        restart = self._live.spawned(name, child.process.pid)
+        log.info("%s: started (pid %s)", name, child.process.pid, extra=event("restarted" if restart else "started",
+                                                                               bot=name))  # fmt: skip
 
     def _prepare_child(self, bot: BotConfig) -> None:
         """Runs in the forked child: drop everything of the supervisor's that it inherited."""
         reset_in_child()
+        self._endpoints.close_in_child()
         for child in self._children.values():
             child.reader.close()  # the supervisor's end of every pipe, this child's own included
         for variable in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
@@ -401,13 +452,15 @@ class Arbiter:
                 lifecycle.heartbeat(in_flight)
             case ("heartbeat", int(in_flight), dict(stats)):
                 lifecycle.heartbeat(in_flight, stats)
+                self._live.reported(name, stats)
             case ("connected",):
                 if lifecycle.phase is Phase.STARTING:
-                    log.info("%s: connected", name)
+                    log.info("%s: connected", name, extra=event("connected", bot=name))
                 lifecycle.connected()
             case ("disconnected",):
                 if lifecycle.phase is Phase.RUNNING:
-                    log.warning("%s: disconnected; the bot process is reconnecting", name)
+                    log.warning("%s: disconnected; the bot process is reconnecting", name,
+                                extra=event("disconnected", bot=name))  # fmt: skip
                 lifecycle.disconnected()
             case _:
                 log.warning("%s: unknown message from the bot process ignored", name)
@@ -427,12 +480,13 @@ class Arbiter:
             stopping = lifecycle.phase is Phase.STOPPING and lifecycle.intent is not StopIntent.REPLACE
             level = logging.INFO if stopping and code in (0, -signal.SIGTERM) else logging.WARNING
             how = _describe_exit(code, killed_by_us=child.killed)
-            log.log(level, "%s: pid %s %s after %.1f s", name, pid, how, uptime)
+            log.log(level, "%s: pid %s %s after %.1f s", name, pid, how, uptime, extra=event("exited", bot=name))
+            self._live.exited(name, code)
             self._execute(name, lifecycle.exited(code))
             if lifecycle.phase is Phase.FATAL:
                 log.error(
                     "%s: configuration or credentials refused (exit %d); not restarting it until the "
-                    "configuration changes (then SIGHUP)", name, code,
+                    "configuration changes (then SIGHUP)", name, code, extra=event("fatal", bot=name),
                 )  # fmt: skip
 
     def _forget_removed(self) -> None:
@@ -456,7 +510,7 @@ class Arbiter:
 
     def _waitables(self) -> list[Any]:
         assert self._signals is not None
-        items: list[Any] = [self._signals.fileno()]
+        items: list[Any] = [self._signals.fileno(), *self._endpoints.waitables()]
         for child in self._children.values():
             items.append(child.process.sentinel)
             if child.reader_open:
@@ -485,7 +539,7 @@ class Arbiter:
         if self._ready_pending and not self._stopping and all_settled(wanted):
             self._notifier.ready()
             self._ready_pending = False
-            log.info("ready: %s", text)
+            log.info("ready: %s", text, extra=event("ready"))
         if self._watchdog_interval is not None and now >= self._next_ping:
             # Withheld while a child is silent: if replacing it does not bring it back, systemd's watchdog
             # restarts the whole service. A skipped slot is not retried early.
@@ -495,7 +549,10 @@ class Arbiter:
 
 
 def _daemon_settings(config: DaemonConfig | None) -> DaemonConfig | None:
-    return None if config is None else dataclasses.replace(config, bots=(), warnings=())
+    # the endpoints are the supervisor's own, set at start: no reason to restart the bots
+    if config is None:
+        return None
+    return dataclasses.replace(config, bots=(), warnings=(), metrics_listen=None, status_socket=None)
 
 
 def _describe_exit(code: int, *, killed_by_us: bool = False) -> str:

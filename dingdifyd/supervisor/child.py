@@ -1,7 +1,8 @@
 """The child side of the supervisor protocol: what a forked bot process calls first, and its channel upward.
 
 Messages are small tuples on a one-way `multiprocessing` pipe: `("connected",)`, `("heartbeat", in_flight)`
-or `("heartbeat", in_flight, stats)` (a small dict of counters, e.g. `dingtalk_calls_month`),
+or `("heartbeat", in_flight, stats)` (a dict: counters such as `dingtalk_calls_month`, the live `status` and
+the `metrics` snapshot; see botstats.py),
 `("disconnected",)`. Any message proves the child's event loop runs; the supervisor replaces a child silent
 for `heartbeat_timeout`, so heartbeats must come from a coroutine on the bot's loop (`heartbeat_loop`), never
 from a thread.
@@ -11,11 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import random
+import select
+import struct
+import termios
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
 
 from dingdifyd.supervisor import signals
 
@@ -59,7 +66,7 @@ class ParentChannel:
     def connected(self) -> None:
         self._send(("connected",))
 
-    def heartbeat(self, in_flight: int, stats: dict[str, int] | None = None) -> None:
+    def heartbeat(self, in_flight: int, stats: dict[str, Any] | None = None) -> None:
         if stats:
             self._send(("heartbeat", int(in_flight), dict(stats)))
         else:
@@ -76,7 +83,13 @@ class ParentChannel:
         if not self._alive:
             return
         try:
-            self._conn.send(message)
+            payload = bytes(ForkingPickler.dumps(message))
+            if len(payload) + 4 > select.PIPE_BUF and not self._room_for(len(payload) + 4):
+                # a write larger than PIPE_BUF is not atomic: half of it in a nearly full pipe would tear the
+                # stream for good; a message skipped is only one heartbeat late
+                log.debug("supervisor pipe nearly full; %s dropped", message[0])
+                return
+            self._conn.send_bytes(payload)  # what send() does, with the size known beforehand
         except BlockingIOError:
             log.debug("supervisor pipe full; %s dropped", message[0])
         except (OSError, ValueError, EOFError):
@@ -85,11 +98,22 @@ class ParentChannel:
             log.debug("supervisor gone; no more messages to it")
 
 
+    def _room_for(self, size: int) -> bool:
+        """Whether the pipe has room for `size` more bytes right now (True when that cannot be known)."""
+        try:
+            fd = self._conn.fileno()
+            capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+            queued = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return True
+        return capacity - queued >= size
+
+
 async def heartbeat_loop(
     channel: ParentChannel,
     interval: float,
     in_flight: Callable[[], int],
-    stats: Callable[[], dict[str, int]] | None = None,
+    stats: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     """Send `("heartbeat", in_flight()[, stats()])` every `interval` seconds; returns once the supervisor is gone."""
     while channel.parent_alive:

@@ -179,3 +179,16 @@ async def test_the_command_line(tmp_path, dingtalk, dify):
     code, out = await run("--bot", "nobody")
     assert code == EX_USAGE
     assert "no bot named 'nobody'" in out
+
+
+@pytest.mark.parametrize("app_type", ["agent", "chatflow"])
+async def test_auto_on_a_dify_that_does_not_name_modes_says_only_what_it_knows(tmp_path, dingtalk, dify, app_type):
+    """Dify 0.15's /info has no mode: a chat-route probe cannot tell a chatbot from an agent or a chatflow."""
+    assert not dify.info_with_mode
+    path = write_config(tmp_path / "c.yaml", dingtalk, dify,
+                        bots=[bot_entry(app_type="auto", dify_key=dify_key(app_type))])  # fmt: skip
+    code, lines = await doctor(path)
+    assert code == EX_OK, lines
+    line = lines["Dify app type"]
+    assert line.startswith("OK ") and "chat-route app" in line, line
+    assert "chatbot" not in line.replace("chatbot, agent or chatflow", ""), line

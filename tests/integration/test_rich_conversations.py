@@ -314,7 +314,7 @@ async def test_the_bot_process_exits_78_on_a_wrong_app_type(tmp_path, dingtalk, 
             await process.wait()
     log = stderr.decode()
     assert process.returncode == 78, log
-    assert "bots[0].dify_app_type: 'workflow', but its key belongs to a chatbot app" in log
+    assert "bots[0].dify_app_type: 'workflow', but its key belongs to a chat-route app" in log
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ the container's journal. The container is powered off (killed if need be) and re
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -31,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from dingdifyd.logfields import EVENTS
 from tests.system import readme
 from tests.system.container import SYSTEM_PATH, Container, diagnostics, host_run, remove_tree, wait_until
 
@@ -478,6 +480,45 @@ def test_journal_has_priorities_and_no_secrets(container: Container) -> None:
 
 
 @step
+def test_journal_fields_can_be_queried(container: Container) -> None:
+    """The native entries' fields, through a real journald: the queries the README shows."""
+    box = container
+    entries = [json.loads(line) for line in
+               box.journal("-u", UNIT, "DINGDIFYD_BOT=helpdesk", "DINGDIFYD_EVENT=answered", "-o", "json").splitlines()]
+    assert entries, "no entry with DINGDIFYD_BOT=helpdesk DINGDIFYD_EVENT=answered"
+    entry = entries[-1]
+    assert entry["MESSAGE_ID"] == EVENTS["answered"] and entry["PRIORITY"] == "6"
+    assert entry["SYSLOG_IDENTIFIER"] == UNIT and "answered in" in entry["MESSAGE"]
+    assert entry["DINGDIFYD_MSG_ID"] and re.fullmatch(r"[0-9a-f]{12}", entry["DINGDIFYD_CONVERSATION"])
+    # every line about that message, whatever logged it
+    about = box.journal("-u", UNIT, f"DINGDIFYD_MSG_ID={entry['DINGDIFYD_MSG_ID']}", "-o", "cat")
+    assert f"message {entry['DINGDIFYD_MSG_ID']} from " in about and "answered in" in about
+    assert box.journal("DINGDIFYD_EVENT=failed", "--since", "today", "-o", "cat").strip() == ""
+    started = box.journal("-u", UNIT, "DINGDIFYD_EVENT=started", "-o", "json").splitlines()
+    assert started and json.loads(started[-1])["DINGDIFYD_BOT"] == "helpdesk"
+
+
+@step
+def test_status_asks_the_running_instance(container: Container) -> None:
+    box = container
+    result = box.run("dingdifyd", "status", "-c", CONFIG)
+    assert f"{UNIT}: running since" in result.stdout and "  helpdesk: connected since" in result.stdout, result.stdout
+    assert CLIENT_SECRET not in result.stdout and DIFY_KEY not in result.stdout
+    document = json.loads(box.run("dingdifyd", "status", "--json").stdout)
+    [instance] = [i for i in document["instances"] if i["name"] == "ci"]
+    [bot] = instance["status"]["bots"]
+    assert bot["state"] == "running" and bot["answered_today"] >= 1, bot
+    mode = box.run("stat", "-c", "%a %G", "/run/dingdifyd/ci/status.sock").stdout.split()
+    assert mode == ["660", "dingdifyd"], mode
+    # a member of the group dingdifyd may ask; anybody else may not (exit 4)
+    box.run("useradd", "--no-create-home", "--groups", "dingdifyd", "ops", check=False)
+    member = box.run("runuser", "-u", "ops", "--", "dingdifyd", "status", "-c", CONFIG, check=False)
+    assert member.returncode == 0, member.stdout + member.stderr
+    stranger = box.run("runuser", "-u", "nobody", "--", "dingdifyd", "status", "-c", CONFIG, check=False)
+    assert stranger.returncode == 4 and "permission denied" in stranger.stdout, stranger.stdout + stranger.stderr
+
+
+@step
 def test_killed_bot_process_is_replaced_and_conversation_kept(container: Container, chat: Chat) -> None:
     box = container
     main_pid, victim = box.main_pid(UNIT), bot_pid(box)
@@ -623,6 +664,8 @@ def test_stop_is_clean(container: Container) -> None:
     assert status == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, status
     assert record(box, "all bot processes stopped", since) is not None
     assert box.run("pgrep", "-f", "dingdifyd run -c", check=False).stdout.strip() == ""
+    stopped = box.run("dingdifyd", "status", "-c", CONFIG, check=False)
+    assert stopped.returncode == 3 and stopped.stdout.startswith(f"{UNIT}: stopped"), stopped.stdout
 
 
 @step

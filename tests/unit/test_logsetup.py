@@ -52,7 +52,7 @@ def lines(stream: TextIO) -> list[str]:
 
 
 def test_journal_lines_carry_priority_prefixes_and_no_timestamp(stream: TextIO) -> None:
-    setup_logging("DEBUG", bot="helpdesk", stream=stream, environ=journal_env(stream))
+    setup_logging("DEBUG", bot="helpdesk", stream=stream, environ=journal_env(stream), journal_socket=None)
     log = logging.getLogger("dingdifyd.bridge.service")
     log.debug("d")
     log.info("i")
@@ -69,7 +69,7 @@ def test_journal_lines_carry_priority_prefixes_and_no_timestamp(stream: TextIO) 
 
 
 def test_every_traceback_line_gets_the_prefix(stream: TextIO) -> None:
-    setup_logging("INFO", bot="helpdesk", stream=stream, journal=True)
+    setup_logging("INFO", bot="helpdesk", stream=stream, journal=True, journal_socket=None)
     try:
         raise RuntimeError("boom")
     except RuntimeError:
@@ -100,9 +100,9 @@ def test_journal_stream_naming_another_file_is_ignored(stream: TextIO, tmp_path:
 
 
 def test_level_filters_and_a_second_setup_replaces_the_first(stream: TextIO, tmp_path: Path) -> None:
-    setup_logging("WARNING", bot="helpdesk", stream=stream, journal=True)
+    setup_logging("WARNING", bot="helpdesk", stream=stream, journal=True, journal_socket=None)
     with open(tmp_path / "second", "w+", encoding="utf-8") as second:
-        setup_logging("INFO", bot="hr", stream=second, journal=True)
+        setup_logging("INFO", bot="hr", stream=second, journal=True, journal_socket=None)
         logging.getLogger("x").info("only once, in the second")
         assert lines(second) == ["<6>[hr] x: only once, in the second"]
     assert lines(stream) == []
@@ -110,7 +110,7 @@ def test_level_filters_and_a_second_setup_replaces_the_first(stream: TextIO, tmp
 
 
 def test_registered_secrets_and_tokens_are_redacted(stream: TextIO) -> None:
-    setup_logging("DEBUG", bot="helpdesk", stream=stream, journal=True)
+    setup_logging("DEBUG", bot="helpdesk", stream=stream, journal=True, journal_socket=None)
     register_secret("dingSecretValue-7f3a9c")
     register_secret(Secret("app-difyKeyValue-55aa"))
     register_secret("ab")  # too short to redact safely: ignored
@@ -146,7 +146,7 @@ def test_the_sdk_logs_once_through_our_handler_and_only_warnings(stream: TextIO)
     from dingtalk_stream.log import setup_default_logger
 
     early = setup_default_logger("dingtalk_stream.early")  # created before our setup: it has its own handler
-    setup_logging("INFO", bot="helpdesk", stream=stream, journal=True)
+    setup_logging("INFO", bot="helpdesk", stream=stream, journal=True, journal_socket=None)
     late = setup_default_logger("dingtalk_stream.client")  # re-sets its level to INFO, as the SDK does
     for logger in (early, late):
         logger.info("endpoint is %s", {"ticket": "t"})
@@ -159,7 +159,7 @@ def test_the_sdk_logs_once_through_our_handler_and_only_warnings(stream: TextIO)
 
 
 def test_a_malformed_third_party_call_neither_raises_nor_is_lost(stream: TextIO) -> None:
-    setup_logging("INFO", bot="helpdesk", stream=stream, journal=True)
+    setup_logging("INFO", bot="helpdesk", stream=stream, journal=True, journal_socket=None)
     logging.getLogger("dingtalk_stream.client").error("unknown exception", ValueError("x"))  # the SDK does this
     (line,) = lines(stream)
     assert line.startswith("<3>[helpdesk] dingtalk_stream.client: unknown exception")

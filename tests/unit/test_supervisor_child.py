@@ -129,3 +129,23 @@ def test_a_forked_child_sheds_the_supervisor_signal_handling(pipe: tuple[Connect
         assert queue.drain() == []
     finally:
         queue.uninstall()
+
+
+def test_a_large_report_into_a_nearly_full_pipe_is_skipped_whole_never_torn():
+    reader, writer = multiprocessing.get_context("fork").Pipe(duplex=False)
+    channel = ParentChannel(writer)
+    try:
+        for _ in range(10_000):  # small heartbeats until the pipe is full (the last ones are dropped)
+            channel.heartbeat(1)
+        received = [reader.recv() for _ in range(300)]  # a page or two free again: less than the big one needs
+        big = {"metrics": {"c": [["dingdifyd_answers", [["outcome", f"{i:0>60}"]], i] for i in range(400)]}}
+        channel.heartbeat(2, big)  # larger than PIPE_BUF: it would not fit whole
+        while reader.poll(0):
+            received.append(reader.recv())  # every message intact: a torn one would fail to unpickle
+        assert received and all(message == ("heartbeat", 1) for message in received)
+        channel.heartbeat(2, big)  # room again: it goes through whole
+        assert reader.recv() == ("heartbeat", 2, big)
+        assert channel.parent_alive
+    finally:
+        reader.close()
+        writer.close()
