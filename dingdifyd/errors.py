@@ -83,6 +83,17 @@ class DifyStreamCut(DifyError):
     user_message = "The answer was cut off by the AI service. Please try again."
 
 
+class UnsupportedAppMode(DifyError):
+    """The key belongs to a 1.x app no chat can use (`channel`, `rag-pipeline`)."""
+
+    exit_code = EX_CONFIG
+    user_message = "This bot is not set up correctly (its Dify app cannot answer chat messages). Please tell its admin."
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        super().__init__(f"the Dify app is a {mode} app, which cannot answer chat messages", code="unsupported_mode")
+
+
 class DifyUnavailable(DifyError):
     """Connection refused, DNS failure, TLS error: Dify could not be reached at all."""
 

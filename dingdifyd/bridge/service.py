@@ -12,13 +12,14 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from dingdifyd.bridge import intake, session
 from dingdifyd.bridge.access import AccessPolicy
 from dingdifyd.bridge.apps import AppRouter
 from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.commands import ChatCommands
+from dingdifyd.bridge.failures import failure_note
 from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
@@ -26,18 +27,12 @@ from dingdifyd.bridge.progress import with_suggestions
 from dingdifyd.bridge.rich import RichAnswer
 from dingdifyd.bridge.running import AnswerTurn, RunningAnswers, stopped_text
 from dingdifyd.bridge.streamer import CardStreamer
+from dingdifyd.bridge.transcript import Ending, Transcript
 from dingdifyd.bridge.uploads import IncomingFiles, Question
 from dingdifyd.config import BotConfig
-from dingdifyd.dify.events import (
-    MessageEnd,
-    MessageFile,
-    TextDelta,
-    TextReplace,
-    WorkflowFinished,
-    text_from_outputs,
-)
+from dingdifyd.dify.events import DifyEvent, MessageEnd, MessageFile, WorkflowFinished
 from dingdifyd.dingtalk.scheduler import CardScheduler
-from dingdifyd.errors import ConversationNotFound, PeerError
+from dingdifyd.errors import ConversationNotFound, DifyStreamCut, PeerError
 from dingdifyd.store import InFlight, Store
 
 log = logging.getLogger(__name__)
@@ -190,7 +185,7 @@ class BridgeService:
                 getattr(exc, "code", None),
                 exc,
             )
-            await streamer.fail(_with_note(streamer.text, exc.user_message))
+            await streamer.fail(_with_note(streamer.text, failure_note(exc)))
         except Exception:
             log.exception("message %s: unexpected error", message.msg_id)
             await streamer.fail(_with_note(streamer.text, INTERNAL_ERROR))
@@ -249,17 +244,35 @@ class BridgeService:
         streamer.render_with(rich.view)
         try:
             with self.running.track(turn):  # what /stop finds
-                answer = await self._ask_dify(message, question, streamer, turn, rich)
-            final = await self._final_text(turn, await rich.final(answer)) or EMPTY_ANSWER
-            await streamer.finish(_with_notes(final, question.notes))
-            await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
+                transcript = await self._ask_dify(message, question, streamer, turn, rich)
+            return await self._end_card(message, streamer, turn, rich, transcript, question.notes)
         finally:
             await rich.aclose()
+
+    async def _end_card(
+        self,
+        message: IncomingMessage,
+        streamer: CardStreamer,
+        turn: AnswerTurn,
+        rich: RichAnswer,
+        transcript: Transcript,
+        notes: list[str],
+    ) -> str:
+        """End the card the way the run ended: its answer, or what was written with why it stopped."""
+        ending = transcript.ending
+        shown = await rich.final(transcript.raw)
+        if ending is Ending.CUT and not turn.stopped:
+            await streamer.fail(_with_note(shown, DifyStreamCut.user_message))
+            return "failed"
+        final = await self._final_text(turn, shown, ending) or EMPTY_ANSWER
+        await streamer.finish(_with_notes(final, notes))
+        await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
         return "answered"
 
-    async def _final_text(self, turn: AnswerTurn, answer: str) -> str:
-        """The answer as the card ends with it: marked when stopped, followed by suggested questions."""
-        if turn.stopped:
+    async def _final_text(self, turn: AnswerTurn, answer: str, ending: Ending) -> str:
+        """The answer as the card ends with it: marked when stopped (by /stop, or in Dify by someone else),
+        followed by suggested questions."""
+        if turn.stopped or ending is Ending.STOPPED:
             return stopped_text(answer)
         if self.bot.show_suggested_questions and answer.strip():
             timeout = self.bot.suggested_questions_timeout
@@ -268,7 +281,7 @@ class BridgeService:
 
     async def _ask_dify(
         self, message: IncomingMessage, question: Question, streamer: CardStreamer, turn: AnswerTurn, rich: RichAnswer
-    ) -> str:
+    ) -> Transcript:
         conversation_id = self.store.get_conversation(turn.session_key)
         try:
             return await self._stream(message, question, conversation_id, streamer, turn, rich)
@@ -288,11 +301,7 @@ class BridgeService:
         streamer: CardStreamer,
         turn: AnswerTurn,
         rich: RichAnswer,
-    ) -> str:
-        answer = ""
-        key = turn.session_key
-        remembered = conversation_id
-        ttl = self.bot.conversation_ttl
+    ) -> Transcript:
         stream = turn.app.answers.stream_answer(
             query=question.query,
             user=turn.user,
@@ -300,27 +309,34 @@ class BridgeService:
             inputs={**await turn.app.inputs_for(message), **question.inputs},
             files=question.files or None,
         )
+        return await self._follow(stream, conversation_id, streamer, turn, rich)
+
+    async def _follow(
+        self,
+        stream: AsyncIterator[DifyEvent],
+        conversation_id: str | None,
+        streamer: CardStreamer,
+        turn: AnswerTurn,
+        rich: RichAnswer,
+    ) -> Transcript:
+        """Read a run's events into the card: the text as it grows, its files, and how it ended."""
+        transcript = Transcript()
+        key = turn.session_key
+        remembered = conversation_id
+        ttl = self.bot.conversation_ttl
         # the turn records the task id (/stop), shows progress until the text starts, and ends early when stopped
         async for event in turn.events(stream):
             if event.conversation_id and event.conversation_id != remembered and not turn.detached:
                 # remember at once: even if this answer fails later, the next message continues the conversation
                 self.store.set_conversation(key, event.conversation_id, ttl)
                 remembered = event.conversation_id
-            if isinstance(event, MessageFile | WorkflowFinished):
+            if isinstance(event, MessageFile | MessageEnd | WorkflowFinished):
                 rich.see(event)  # images and files beside the text
-            if isinstance(event, TextDelta):
-                answer += event.text
-                streamer.set_text(answer)
-            elif isinstance(event, TextReplace):
-                answer = event.text
-                streamer.set_text(answer)
-            elif isinstance(event, WorkflowFinished) and not answer:
-                answer = text_from_outputs(event.outputs)
-            elif isinstance(event, MessageEnd):
-                break
+            if transcript.feed(event):
+                streamer.set_text(transcript.raw)
         if remembered and not turn.detached:
             self.store.set_conversation(key, remembered, ttl)  # sliding expiry: every turn restarts the clock
-        return answer
+        return transcript
 
 
 def _with_notes(answer: str, notes: list[str]) -> str:

@@ -10,20 +10,23 @@
 - An answer given up on is stopped in Dify too (`POST .../:task_id/stop` with the same user), so that the
   app does not go on spending tokens for nobody: when the bot cancels it (stopping), when the idle or total
   timeout fires, when a chat stream is cut, or when a workflow cannot be followed to its end.
+- A workflow whose stream ends `stopped` with no outputs is read once more before the person is told it was
+  stopped: Dify 1.16.1 ends a resumed workflow so while its run record holds the outputs (fixtures 62, 66b).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from dingdifyd.dify.client import DifyClient
-from dingdifyd.dify.events import DifyEvent, MessageEnd, TextReplace, WorkflowFinished, text_from_outputs
+from dingdifyd.dify.client import DifyClient, ends_answer_stream
+from dingdifyd.dify.events import DifyEvent, TextReplace, WorkflowFinished, text_from_outputs
 from dingdifyd.errors import (
     DifyAuthError,
     DifyError,
@@ -76,8 +79,8 @@ class _Progress:
     def see(self, event: DifyEvent, app_type: str) -> None:
         self.task_id = self.task_id or event.task_id
         self.workflow_run_id = self.workflow_run_id or event.workflow_run_id
-        # a chatflow's workflow_finished is followed by its message_end; a workflow app's is the end
-        if isinstance(event, MessageEnd) or (isinstance(event, WorkflowFinished) and app_type == "workflow"):
+        # the run is over, or waits for a person: nothing left to stop
+        if ends_answer_stream(event, app_type):
             self.terminal = True
 
 
@@ -140,6 +143,8 @@ class GuardedAnswers:
                 async with contextlib.aclosing(stream):
                     async for event in stream:
                         progress.see(event, self.client.app_type)
+                        if self._stopped_without_outputs(event):
+                            event = await self._with_recorded_outputs(event)
                         yield event
             except (DifyStreamCut, DifyTimeout) as exc:
                 if not self._can_follow(progress, exc):
@@ -160,6 +165,32 @@ class GuardedAnswers:
             if not progress.terminal:
                 self._stop_later(progress, user)
             raise
+
+    # --- a workflow that ended stopped -------------------------------------------------------------------
+
+    def _stopped_without_outputs(self, event: DifyEvent) -> bool:
+        return (
+            isinstance(event, WorkflowFinished)
+            and event.status == "stopped"
+            and not event.outputs
+            and self.client.app_type == "workflow"
+            and bool(event.workflow_run_id)
+            and event.task_id not in self._stopped
+        )
+
+    async def _with_recorded_outputs(self, event: WorkflowFinished) -> WorkflowFinished:
+        """The stopped run's outputs from its record, when it has some (its End node ran); else `event`."""
+        try:
+            async with asyncio.timeout(self.client.timeouts.first_byte):
+                record = await self.client.workflow_run(event.workflow_run_id)
+        except (DifyError, TimeoutError) as exc:
+            log.info("workflow run %s: its record could not be read (%s)", event.workflow_run_id, type(exc).__name__)
+            return event
+        outputs = run_outputs(record)
+        if not outputs:
+            return event
+        log.info("workflow run %s ended stopped, but its record has the outputs: answering", event.workflow_run_id)
+        return dataclasses.replace(event, outputs=outputs, error=str(record.get("error") or event.error))
 
     # --- following a workflow run ------------------------------------------------------------------------
 

@@ -53,9 +53,10 @@ PAYLOAD_MODEL_KEY = web.RequestKey("payload_model", str)  # 1.x: the pydantic mo
 
 DIFY_VERSION = DIFY_0_15  # the default; FakeDify(version=DIFY_1_16) or add_app(..., version=...) for 1.x
 MODES = ("chat", "agent-chat", "advanced-chat", "workflow", "completion")
-CHAT_MODES = ("chat", "agent-chat", "advanced-chat")
+MODES_1X = (*MODES, "agent")  # 1.x's Dify Agent runtime answers on /chat-messages like an agent-chat app
+CHAT_MODES = ("chat", "agent-chat", "advanced-chat", "agent")
 WORKFLOW_MODES = ("advanced-chat", "workflow")  # modes with workflow runs (and, in 1.x, the run events route)
-ONLY_INFO_MODES = ("agent", "channel", "rag-pipeline")  # 1.x modes the fake only names (/info, /parameters)
+ONLY_INFO_MODES = ("channel", "rag-pipeline")  # 1.x modes the fake only names (/info, /parameters)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 ANSWER_TAIL = ANSWER_TAILS[DIFY_0_15]
@@ -456,8 +457,8 @@ class FakeDify:
         """`mode` as Dify names it (`chat`, `advanced-chat`, ...; 1.x also `agent`, `channel`, `rag-pipeline`,
         which only /info and /parameters serve). `human_input`: a 1.x chatflow or workflow that pauses there."""
         version = check_version(version or self.version)
-        if mode not in MODES and not (version != DIFY_0_15 and mode in ONLY_INFO_MODES):
-            raise ValueError(f"mode must be one of {MODES}")
+        if mode not in MODES and not (version != DIFY_0_15 and mode in (*MODES_1X, *ONLY_INFO_MODES)):
+            raise ValueError(f"mode must be one of {MODES_1X if version != DIFY_0_15 else MODES}")
         if human_input is not None and (version == DIFY_0_15 or mode not in WORKFLOW_MODES):
             raise ValueError("human input nodes exist in 1.x chatflow and workflow apps only")
         if user_input_form is None:
@@ -498,6 +499,11 @@ class FakeDify:
 
     def requests_to(self, path_suffix: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith(path_suffix)]
+
+    @property
+    def answer_tail(self) -> str:
+        """How the fake model ends an echo, in this fake's default version."""
+        return ANSWER_TAILS[self.version]
 
     @property
     def running_task_ids(self) -> list[str]:
@@ -918,7 +924,7 @@ class FakeDify:
             message = "The browser (or proxy) sent a request that this server could not understand."
             raise DifyHTTPError(400, "bad_request", message)
         user = self._require_user(body)
-        if app.mode not in MODES:  # a 1.x channel or rag-pipeline app: no generation route takes its key
+        if app.mode in ONLY_INFO_MODES:  # a 1.x channel or rag-pipeline app: no generation route takes its key
             raise DifyHTTPError(400, "app_unavailable", _APP_UNAVAILABLE)
         self._check_route(app, endpoint)
         request[PAYLOAD_MODEL_KEY] = _PAYLOAD_MODELS[endpoint]
@@ -931,7 +937,7 @@ class FakeDify:
                 f"for {app.id} is {limit}."
             )
             raise DifyHTTPError(429, "too_many_requests", message)
-        if app.mode == "agent-chat" and not streaming:
+        if app.mode in ("agent-chat", "agent") and not streaming:
             raise DifyHTTPError(400, "invalid_param", "Agent Chat App does not support blocking mode")
         conversation = self._find_conversation(app, user, conversation_id) if app.mode in CHAT_MODES else None
         try:
@@ -1247,6 +1253,7 @@ class FakeDify:
         emitters = {
             "chat": self._emit_chat,
             "agent-chat": self._emit_agent,
+            "agent": self._emit_agent,
             "advanced-chat": self._emit_chatflow,
             "workflow": self._emit_workflow,
             "completion": self._emit_chat,
@@ -2209,7 +2216,7 @@ async def start_fake_dify(
     **options: Any,
 ) -> FakeDify:
     """Start a fake Dify on loopback and return it (`.base_url`, controls, `await .close()`)."""
-    fake = FakeDify(ping_interval=ping_interval, **options)
+    fake = FakeDify(ping_interval=ping_interval, **options)  # version=... among the options
     if default_apps:
         fake.add_default_apps()
     await fake.start(host, port)
