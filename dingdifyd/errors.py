@@ -83,6 +83,11 @@ class DifyStreamCut(DifyError):
     user_message = "The answer was cut off by the AI service. Please try again."
 
 
+class RunNotFollowable(DifyError):
+    """A Dify run cannot be followed on its events route (Dify ≥ 1.14): the route is missing or refused, or
+    does not know the run (another user's, or gone). Nothing of the run was read."""
+
+
 class UnsupportedAppMode(DifyError):
     """The key belongs to a 1.x app no chat can use (`channel`, `rag-pipeline`)."""
 

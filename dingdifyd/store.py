@@ -39,6 +39,10 @@ class InFlight:
     message: dict[str, Any]  # IncomingMessage fields
     out_track_id: str
     attempts: int
+    # the Dify run answering it, once its stream named it: a successor follows that run (Dify ≥ 1.14) instead of
+    # asking again. Defaults, so that records of older versions still load.
+    workflow_run_id: str = ""
+    task_id: str = ""
 
 
 class Store(Protocol):

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from dingdifyd.bridge import intake, session
 from dingdifyd.bridge.access import AccessPolicy
-from dingdifyd.bridge.apps import AppRouter
+from dingdifyd.bridge.apps import AppRouter, DifyApp
 from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.commands import ChatCommands
 from dingdifyd.bridge.failures import failure_note
@@ -32,7 +32,7 @@ from dingdifyd.bridge.uploads import IncomingFiles, Question
 from dingdifyd.config import BotConfig
 from dingdifyd.dify.events import DifyEvent, MessageEnd, MessageFile, WorkflowFinished
 from dingdifyd.dingtalk.scheduler import CardScheduler
-from dingdifyd.errors import ConversationNotFound, DifyStreamCut, PeerError
+from dingdifyd.errors import ConversationNotFound, DifyStreamCut, PeerError, RunNotFollowable
 from dingdifyd.store import InFlight, Store
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class BridgeService:
             if record.attempts > MAX_ATTEMPTS:
                 await streamer.fail(GAVE_UP)
                 return
-            outcome = await self._respond(message, streamer)
+            outcome = await self._respond(message, streamer, record)
         except asyncio.CancelledError:
             outcome = "interrupted"
             with contextlib.suppress(BaseException):
@@ -220,7 +220,7 @@ class BridgeService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _respond(self, message: IncomingMessage, streamer: CardStreamer) -> str:
+    async def _respond(self, message: IncomingMessage, streamer: CardStreamer, record: InFlight) -> str:
         refusal = intake.refusal(message, max_chars=self.bot.max_message_chars)  # DingTalk errors, huge texts
         if refusal is not None:
             await streamer.finish(refusal)
@@ -233,6 +233,11 @@ class BridgeService:
             await streamer.finish(reply)
             return "answered"
         user = session.dify_user(message, self.bot.session_scope)
+        if record.workflow_run_id:
+            # an earlier process died while Dify answered: follow that run rather than ask again
+            followed = await self._follow_run_of(message, streamer, record, app, key, user)
+            if followed is not None:
+                return followed
         # pictures, files and voice: what the app is asked, or why it cannot be (bridge/uploads.py)
         question = await self.incoming.prepare(message, text, user=user, app=app)
         if question.reply is not None:
@@ -244,8 +249,34 @@ class BridgeService:
         streamer.render_with(rich.view)
         try:
             with self.running.track(turn):  # what /stop finds
-                transcript = await self._ask_dify(message, question, streamer, turn, rich)
+                transcript = await self._ask_dify(message, question, streamer, turn, rich, record)
             return await self._end_card(message, streamer, turn, rich, transcript, question.notes)
+        finally:
+            await rich.aclose()
+
+    async def _follow_run_of(
+        self, message: IncomingMessage, streamer: CardStreamer, record: InFlight, app: DifyApp, key: str, user: str
+    ) -> str | None:
+        """Finish an answer whose process died, from its Dify run; None when this Dify cannot follow it (the
+        question is then asked again, as before 1.x)."""
+        follow = getattr(app.answers, "follow_run", None)
+        if follow is None:
+            return None
+        turn = AnswerTurn(app=app, session_key=key, user=user)  # no progress lines: the card keeps its text
+        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        streamer.render_with(rich.view)
+        stream = follow(run_id=record.workflow_run_id, task_id=record.task_id, user=user)
+        try:
+            with self.running.track(turn):
+                # the card keeps what the dead process wrote until the run's end is known: the run's text
+                # between then and now is not to be had again
+                transcript = await self._follow(stream, None, streamer, turn, rich, quiet=True)
+            log.info("message %s: followed Dify run %s to its end", message.msg_id, record.workflow_run_id)
+            return await self._end_card(message, streamer, turn, rich, transcript, [])
+        except RunNotFollowable as exc:
+            log.info("message %s: run %s cannot be followed (%s); asking again", message.msg_id,
+                     record.workflow_run_id, exc.status)  # fmt: skip
+            return None
         finally:
             await rich.aclose()
 
@@ -280,18 +311,24 @@ class BridgeService:
         return answer
 
     async def _ask_dify(
-        self, message: IncomingMessage, question: Question, streamer: CardStreamer, turn: AnswerTurn, rich: RichAnswer
+        self,
+        message: IncomingMessage,
+        question: Question,
+        streamer: CardStreamer,
+        turn: AnswerTurn,
+        rich: RichAnswer,
+        record: InFlight,
     ) -> Transcript:
         conversation_id = self.store.get_conversation(turn.session_key)
         try:
-            return await self._stream(message, question, conversation_id, streamer, turn, rich)
+            return await self._stream(message, question, conversation_id, streamer, turn, rich, record)
         except ConversationNotFound:
             if conversation_id is None:
                 raise
             # expired or deleted on the Dify side: start afresh, once
             log.info("message %s: conversation expired on the Dify side; starting a new one", message.msg_id)
             self.store.forget_conversation(turn.session_key)
-            return await self._stream(message, question, None, streamer, turn, rich)
+            return await self._stream(message, question, None, streamer, turn, rich, record)
 
     async def _stream(
         self,
@@ -301,6 +338,7 @@ class BridgeService:
         streamer: CardStreamer,
         turn: AnswerTurn,
         rich: RichAnswer,
+        record: InFlight,
     ) -> Transcript:
         stream = turn.app.answers.stream_answer(
             query=question.query,
@@ -309,7 +347,12 @@ class BridgeService:
             inputs={**await turn.app.inputs_for(message), **question.inputs},
             files=question.files or None,
         )
-        return await self._follow(stream, conversation_id, streamer, turn, rich)
+
+        def remember_run(run_id: str, task_id: str) -> None:
+            # a successor of this process follows the run instead of asking again (Dify ≥ 1.14)
+            self.store.begin_answer(dataclasses.replace(record, workflow_run_id=run_id, task_id=task_id))
+
+        return await self._follow(stream, conversation_id, streamer, turn, rich, on_run=remember_run)
 
     async def _follow(
         self,
@@ -318,21 +361,29 @@ class BridgeService:
         streamer: CardStreamer,
         turn: AnswerTurn,
         rich: RichAnswer,
+        *,
+        quiet: bool = False,
+        on_run: Callable[[str, str], None] | None = None,
     ) -> Transcript:
-        """Read a run's events into the card: the text as it grows, its files, and how it ended."""
+        """Read a run's events into the card: the text as it grows (unless `quiet`), its files, and how it
+        ended. `on_run` learns the run's id and task id once the stream names them."""
         transcript = Transcript()
         key = turn.session_key
         remembered = conversation_id
         ttl = self.bot.conversation_ttl
+        run_named = False
         # the turn records the task id (/stop), shows progress until the text starts, and ends early when stopped
         async for event in turn.events(stream):
             if event.conversation_id and event.conversation_id != remembered and not turn.detached:
                 # remember at once: even if this answer fails later, the next message continues the conversation
                 self.store.set_conversation(key, event.conversation_id, ttl)
                 remembered = event.conversation_id
+            if on_run is not None and not run_named and event.workflow_run_id and event.task_id:
+                run_named = True
+                on_run(event.workflow_run_id, event.task_id)
             if isinstance(event, MessageFile | MessageEnd | WorkflowFinished):
                 rich.see(event)  # images and files beside the text
-            if transcript.feed(event):
+            if transcript.feed(event) and not quiet:
                 streamer.set_text(transcript.raw)
         if remembered and not turn.detached:
             self.store.set_conversation(key, remembered, ttl)  # sliding expiry: every turn restarts the clock

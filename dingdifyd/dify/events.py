@@ -149,7 +149,9 @@ def parse_event(obj: dict[str, Any]) -> DifyEvent:
     if name == "text_chunk":
         return TextDelta(**ids, text=str(data.get("text") or ""))
     if name == "message_replace":
-        return TextReplace(**ids, text=str(obj.get("answer") or ""))
+        # a replay of the answer saved so far (the events route's snapshot) says no reason; moderation does
+        replayed = obj.get("reason") == ""
+        return TextReplace(**ids, text=str(obj.get("answer") or ""), moderated=not replayed)
     if name == "text_replace":
         return TextReplace(**ids, text=str(data.get("text") or ""))
     if name == "reasoning_chunk":

@@ -1,11 +1,13 @@
 """Answers that outlive their stream, and Dify tasks that do not outlive their answer.
 
-`GuardedAnswers` wraps a DifyClient as the bridge's AnswerSource and adds two things the plain stream cannot:
+`GuardedAnswers` wraps a DifyClient as the bridge's AnswerSource and adds what the plain stream cannot:
 
-- A workflow run goes on inside Dify when its stream dies (a reverse proxy's 60 s timeout, a dropped
-  connection, a silent socket). Once the stream has named its `workflow_run_id`, a cut or an idle timeout is
-  not the end: the run record (`GET /workflows/run/:id`) is polled until the run finishes, within what is
-  left of the total timeout, and the answer is finished from its outputs (as a `TextReplace`, since the
+- A chatflow or workflow run goes on inside Dify when its stream dies (a reverse proxy's 60 s timeout, a
+  dropped connection, a silent socket). Once the stream has named its `workflow_run_id`, a cut or an idle
+  timeout is not the end. On a Dify with the run events route (≥ 1.14) the run is followed there
+  (dify/following.py), chatflows too, and so is the run of an answer whose process died (`follow_run`).
+  Elsewhere (0.x) a workflow's run record (`GET /workflows/run/:id`) is polled until the run finishes, within
+  what is left of the total timeout, and the answer is finished from its outputs (as a `TextReplace`, since the
   text streamed before the cut may be partial, then the run's `WorkflowFinished`).
 - An answer given up on is stopped in Dify too (`POST .../:task_id/stop` with the same user), so that the
   app does not go on spending tokens for nobody: when the bot cancels it (stopping), when the idle or total
@@ -26,13 +28,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from dingdifyd.dify.client import DifyClient, ends_answer_stream
-from dingdifyd.dify.events import DifyEvent, TextReplace, WorkflowFinished, text_from_outputs
+from dingdifyd.dify.events import DifyEvent, TextDelta, TextReplace, WorkflowFinished, text_from_outputs
+from dingdifyd.dify.following import follow_run_events
 from dingdifyd.errors import (
     DifyAuthError,
     DifyError,
     DifyStreamCut,
     DifyTimeout,
     DifyTotalTimeout,
+    RunNotFollowable,
 )
 
 log = logging.getLogger(__name__)
@@ -71,14 +75,19 @@ def run_outputs(record: dict[str, Any]) -> dict[str, Any]:
 class _Progress:
     """What one answer's stream has shown so far: enough to follow it up or stop it."""
 
-    def __init__(self) -> None:
-        self.task_id = ""
-        self.workflow_run_id = ""
+    def __init__(self, task_id: str = "", workflow_run_id: str = "") -> None:
+        self.task_id = task_id
+        self.workflow_run_id = workflow_run_id
         self.terminal = False
+        self.text = ""  # the answer text streamed so far (a followed run continues it)
 
     def see(self, event: DifyEvent, app_type: str) -> None:
         self.task_id = self.task_id or event.task_id
         self.workflow_run_id = self.workflow_run_id or event.workflow_run_id
+        if isinstance(event, TextDelta):
+            self.text += event.text
+        elif isinstance(event, TextReplace):
+            self.text = event.text
         # the run is over, or waits for a person: nothing left to stop
         if ends_answer_stream(event, app_type):
             self.terminal = True
@@ -147,14 +156,7 @@ class GuardedAnswers:
                             event = await self._with_recorded_outputs(event)
                         yield event
             except (DifyStreamCut, DifyTimeout) as exc:
-                if not self._can_follow(progress, exc):
-                    await self._stop(progress, user, reason=type(exc).__name__)
-                    raise
-                log.warning(
-                    "the stream of workflow run %s ended early (%s); following the run until it finishes",
-                    progress.workflow_run_id, type(exc).__name__,
-                )  # fmt: skip
-                async for event in self._follow_run(progress, user, deadline, exc):
+                async for event in self._after_a_break(progress, user, deadline, exc):
                     yield event
         except asyncio.CancelledError:
             # the bot gave up on this answer (it is stopping): so should Dify
@@ -165,6 +167,72 @@ class GuardedAnswers:
             if not progress.terminal:
                 self._stop_later(progress, user)
             raise
+
+    async def follow_run(self, *, run_id: str, task_id: str, user: str) -> AsyncIterator[DifyEvent]:
+        """The rest of a run an earlier process of this bot started and could not finish (it died): followed on
+        the run events route, stopped in Dify if it cannot be finished. RunNotFollowable when this Dify cannot
+        follow it (then nothing was read, and the question may be asked again)."""
+        if not self.client.serves_run_events:
+            raise RunNotFollowable(f"Dify {self.client.server_version} has no run events route")
+        deadline = asyncio.get_running_loop().time() + self.client.timeouts.total
+        progress = _Progress(task_id, run_id)
+        try:
+            events = follow_run_events(self.client, run_id, user, deadline=deadline)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    progress.see(event, self.client.app_type)
+                    if self._stopped_without_outputs(event):
+                        event = await self._with_recorded_outputs(event)
+                    yield event
+        except (DifyStreamCut, DifyTimeout) as exc:
+            async for event in self._after_a_break(progress, user, deadline, exc, events_tried=True):
+                yield event
+        except asyncio.CancelledError:
+            await self._stop(progress, user, reason="cancelled")
+            raise
+        except GeneratorExit:
+            if not progress.terminal:
+                self._stop_later(progress, user)
+            raise
+
+    # --- after the stream broke --------------------------------------------------------------------------
+
+    async def _after_a_break(
+        self, progress: _Progress, user: str, deadline: float, cause: DifyError, *, events_tried: bool = False
+    ) -> AsyncIterator[DifyEvent]:
+        """Follow the run on its events route when Dify has one, else poll a workflow's run record; stop in Dify
+        what cannot be followed, and raise `cause`."""
+        followable = bool(progress.workflow_run_id) and not isinstance(cause, DifyTotalTimeout)
+        if followable and not events_tried and self.client.serves_run_events:
+            log.warning(
+                "the stream of run %s ended early (%s); following the run on its events route",
+                progress.workflow_run_id, type(cause).__name__,
+            )  # fmt: skip
+            try:
+                events = follow_run_events(
+                    self.client, progress.workflow_run_id, user, deadline=deadline, text_so_far=progress.text
+                )
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        progress.see(event, self.client.app_type)
+                        if self._stopped_without_outputs(event):
+                            event = await self._with_recorded_outputs(event)
+                        yield event
+                return
+            except RunNotFollowable:
+                pass  # an older Dify, or a proxy that does not pass the route on: as before
+            except (DifyStreamCut, DifyTimeout) as exc:
+                log.warning("following run %s broke too (%s)", progress.workflow_run_id, type(exc).__name__)
+                cause = exc
+        if not self._can_follow(progress, cause):
+            await self._stop(progress, user, reason=type(cause).__name__)
+            raise cause
+        log.warning(
+            "the stream of workflow run %s ended early (%s); following the run until it finishes",
+            progress.workflow_run_id, type(cause).__name__,
+        )  # fmt: skip
+        async for event in self._follow_run(progress, user, deadline, cause):
+            yield event
 
     # --- a workflow that ended stopped -------------------------------------------------------------------
 
