@@ -88,6 +88,15 @@ class RunNotFollowable(DifyError):
     does not know the run (another user's, or gone). Nothing of the run was read."""
 
 
+class FormAnswerRefused(DifyError):
+    """Dify refused an answer to a human-input form: `kind` is submitted (answered already), expired, gone (no
+    such form any more), or invalid (Dify's reason in the message)."""
+
+    def __init__(self, kind: str, message: str, *, status: int | None = None, code: str | None = None):
+        self.kind = kind
+        super().__init__(message, status=status, code=code)
+
+
 class UnsupportedAppMode(DifyError):
     """The key belongs to a 1.x app no chat can use (`channel`, `rag-pipeline`)."""
 

@@ -13,13 +13,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from dingdifyd.bridge import intake, session
+from dingdifyd.bridge import attachments as att
+from dingdifyd.bridge import forms, intake, session
 from dingdifyd.bridge.access import AccessPolicy
 from dingdifyd.bridge.apps import AppRouter, DifyApp
 from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.commands import ChatCommands
 from dingdifyd.bridge.failures import failure_note
+from dingdifyd.bridge.forms import Answer, Invalid, NotAnAnswer, PendingForm
+from dingdifyd.bridge.human_input import FormDesk
 from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
@@ -32,7 +36,7 @@ from dingdifyd.bridge.uploads import IncomingFiles, Question
 from dingdifyd.config import BotConfig
 from dingdifyd.dify.events import DifyEvent, MessageEnd, MessageFile, WorkflowFinished
 from dingdifyd.dingtalk.scheduler import CardScheduler
-from dingdifyd.errors import ConversationNotFound, DifyStreamCut, PeerError, RunNotFollowable
+from dingdifyd.errors import ConversationNotFound, DifyStreamCut, FormAnswerRefused, PeerError, RunNotFollowable
 from dingdifyd.store import InFlight, Store
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ class BridgeService:
         self.access = AccessPolicy.from_bot(bot)
         self.running = RunningAnswers()
         self.commands = ChatCommands(bot.command_prefix, store, self.running)
+        self.forms = FormDesk(store)  # human-input forms waiting for people's answers
         self.replies = replies
         self.clock = clock
         self.policy = UpdatePolicy(interval=bot.card_update_interval, min_chars=bot.card_update_min_chars)
@@ -238,6 +243,18 @@ class BridgeService:
             followed = await self._follow_run_of(message, streamer, record, app, key, user)
             if followed is not None:
                 return followed
+        # a human-input form waiting for this person (or someone else) in this chat: is this its answer?
+        mine, others = self.forms.pending(app, message)
+        if mine is not None or others:
+            answered = await self._reply_to_forms(message, streamer, app, key, text, mine, others)
+            if answered is not None:
+                return answered
+        hint = None
+        if mine is not None:
+            if mine.expired(self.forms.clock()):
+                self.forms.forget(app, message)  # not an answer, and too late for one anyway
+            else:
+                hint = forms.STILL_PENDING.format(title=mine.title)
         # pictures, files and voice: what the app is asked, or why it cannot be (bridge/uploads.py)
         question = await self.incoming.prepare(message, text, user=user, app=app)
         if question.reply is not None:
@@ -250,9 +267,157 @@ class BridgeService:
         try:
             with self.running.track(turn):  # what /stop finds
                 transcript = await self._ask_dify(message, question, streamer, turn, rich, record)
-            return await self._end_card(message, streamer, turn, rich, transcript, question.notes)
+            return await self._end_card(message, streamer, turn, rich, transcript, question.notes, hint=hint)
         finally:
             await rich.aclose()
+
+    # --- human-input forms ------------------------------------------------------------------------------------
+
+    async def _reply_to_forms(
+        self,
+        message: IncomingMessage,
+        streamer: CardStreamer,
+        app: DifyApp,
+        key: str,
+        text: str,
+        mine: PendingForm | None,
+        others: list[PendingForm],
+    ) -> str | None:
+        """Answer the sender's pending form when the message is its answer; None when it is a new question."""
+        if mine is None:
+            for other in others if message.is_group else ():
+                if forms.choose_action(other.form.actions, text) is not None:
+                    asker = other.asker_name or "the person who asked"
+                    await streamer.finish(forms.ONLY_ASKER.format(asker=asker, title=other.title))
+                    return "answered"
+            return None
+        if mine.action_id and att.attachments_of(message):  # the file an answer waits for
+            return await self._form_files(message, streamer, app, key, mine)
+        if not text:
+            return None
+        reply = forms.read_reply(mine.form, text)
+        if isinstance(reply, NotAnAnswer):
+            return None
+        if isinstance(reply, Invalid):
+            await streamer.finish(forms.ANSWER_INVALID.format(reason=reply.reason, title=mine.title))
+            return "answered"
+        return await self._answer_or_wait(message, streamer, app, key, mine, reply)
+
+    async def _answer_or_wait(
+        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm,
+        reply: Answer,
+    ) -> str:  # fmt: skip
+        """Submit the answer, or keep it until the files its file fields wait for are sent."""
+        if reply.awaiting:
+            waiting = dataclasses.replace(pending, action_id=reply.action_id, inputs=dict(reply.inputs))
+            self.forms.keep(app, message, waiting)
+            await streamer.finish(forms.ANSWER_SEND_FILE.format(name=reply.awaiting[0].name, title=pending.title))
+            return "answered"
+        return await self._answer_form(message, streamer, app, key, pending, reply.action_id, dict(reply.inputs))
+
+    async def _form_files(
+        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm
+    ) -> str:
+        """A picture or file sent for the first file field an answer waits for."""
+        field = next(f for f in pending.form.fields if f.is_file and f.name not in pending.inputs)
+        refused = next((a for a in att.attachments_of(message)
+                        if not forms.accepts(field, a.dify_type, a.extension)), None)  # fmt: skip
+        if refused is not None:
+            reply = forms.ANSWER_FILE_WRONG.format(name=field.name, kinds=forms.kinds_of(field), title=pending.title)
+            await streamer.finish(reply)
+            return "answered"
+        limit = 1 if field.type == "file" else field.max_files or 10
+        uploaded = await self.incoming.upload_for_form(message, user=pending.dify_user, app=app, limit=limit)
+        if isinstance(uploaded, str):
+            await streamer.finish(forms.ANSWER_INVALID.format(reason=uploaded, title=pending.title))
+            return "answered"
+        value: Any = uploaded[0] if field.type == "file" else uploaded
+        reply = forms.answer(pending.form, pending.action_id, {**pending.inputs, field.name: value})
+        if isinstance(reply, Invalid):  # (cannot be: the rest was checked when the action was chosen)
+            await streamer.finish(forms.ANSWER_INVALID.format(reason=reply.reason, title=pending.title))
+            return "answered"
+        return await self._answer_or_wait(message, streamer, app, key, pending, reply)
+
+    async def _answer_form(
+        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm,
+        action_id: str, inputs: dict[str, Any],
+    ) -> str:  # fmt: skip
+        """Answer the form in Dify and stream what the run does next into this message's card."""
+        submit_form = self.forms.submitter(app, pending, action_id, inputs)
+
+        async def submit() -> None:
+            await submit_form()
+            self.forms.forget(app, message)  # answered: whatever happens next, it is no longer pending
+
+        show = streamer.set_text if self.bot.show_progress else None
+        turn = AnswerTurn(app=app, session_key=key, user=pending.dify_user, show=show)
+        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        streamer.render_with(rich.view)
+        resume = getattr(app.answers, "resume_with", None)
+        try:
+            with self.running.track(turn):
+                try:
+                    if resume is None:
+                        raise RunNotFollowable("these answers cannot follow a run")
+                    stream = resume(run_id=pending.workflow_run_id, task_id=pending.task_id, user=pending.dify_user,
+                                    submit=submit)  # fmt: skip
+                    transcript = await self._follow(stream, pending.conversation_id or None, streamer, turn, rich)
+                except RunNotFollowable:
+                    # this Dify cannot show the resumed run: answer all the same, and read a workflow's end
+                    await submit()
+                    run_result = getattr(app.answers, "run_result", None)
+                    if app.client.app_type != "workflow" or run_result is None:
+                        await streamer.finish(forms.ANSWER_NOT_PASSED.format(title=pending.title))
+                        return "answered"
+                    stream = run_result(run_id=pending.workflow_run_id, task_id=pending.task_id,
+                                        user=pending.dify_user)  # fmt: skip
+                    transcript = await self._follow(stream, None, streamer, turn, rich)
+            return await self._end_card(message, streamer, turn, rich, transcript, [])
+        except FormAnswerRefused as refused:
+            log.info("message %s: the form answer was refused (%s)", message.msg_id, refused.kind)
+            await streamer.finish(self._refused_text(app, message, pending, refused))
+            return "answered"
+        finally:
+            await rich.aclose()
+
+    def _refused_text(
+        self, app: DifyApp, message: IncomingMessage, pending: PendingForm, refused: FormAnswerRefused
+    ) -> str:
+        title = pending.title
+        if refused.kind == "invalid":  # the form stays: the person may answer again
+            return forms.ANSWER_REFUSED.format(title=title, reason=str(refused))
+        self.forms.forget(app, message)
+        if refused.kind == "expired":
+            return forms.ANSWER_EXPIRED.format(title=title)
+        if refused.kind == "submitted":
+            return forms.ANSWER_TOO_LATE.format(title=title)
+        return forms.ANSWER_GONE.format(title=title)
+
+    async def _pause_card(
+        self, message: IncomingMessage, streamer: CardStreamer, turn: AnswerTurn, transcript: Transcript, shown: str
+    ) -> str:
+        """A run that waits for a form: the form in the card, kept for the person's answer."""
+        form = transcript.forms[0] if transcript.forms else None
+        if form is None:
+            text = forms.FORM_UNAVAILABLE.format(title="Form")
+        elif form.token is None:
+            text = forms.render_elsewhere(form)  # delivered only where the Service API may not answer it
+        else:
+            resolved = await self.forms.resolved(turn.app, form)
+            if isinstance(resolved, FormAnswerRefused):
+                text = forms.FORM_EXPIRED
+            else:
+                now = self.forms.clock()
+                pending = PendingForm(
+                    form=resolved, app=turn.app.namespace, workflow_run_id=transcript.run_id, task_id=turn.task_id,
+                    dify_user=turn.user, asker=message.user_id, asker_name=message.sender_nick,
+                    conversation_id=transcript.conversation_id, created_at=now,
+                )  # fmt: skip
+                self.forms.keep(turn.app, message, pending)
+                log.info("message %s: run %s waits for form %s", message.msg_id, transcript.run_id, form.form_id)
+                text = forms.render_form(resolved, now)
+        await streamer.finish(f"{shown.rstrip()}\n\n---\n{text}" if shown.strip() else text)
+        return "answered"
 
     async def _follow_run_of(
         self, message: IncomingMessage, streamer: CardStreamer, record: InFlight, app: DifyApp, key: str, user: str
@@ -288,15 +453,21 @@ class BridgeService:
         rich: RichAnswer,
         transcript: Transcript,
         notes: list[str],
+        *,
+        hint: str | None = None,
     ) -> str:
-        """End the card the way the run ended: its answer, or what was written with why it stopped."""
+        """End the card the way the run ended: its answer, what was written with why it stopped, or the form it
+        waits for. `hint`: a line after the answer (a form still waiting)."""
         ending = transcript.ending
         shown = await rich.final(transcript.raw)
+        if ending is Ending.PAUSED and not turn.stopped:
+            return await self._pause_card(message, streamer, turn, transcript, shown)
         if ending is Ending.CUT and not turn.stopped:
             await streamer.fail(_with_note(shown, DifyStreamCut.user_message))
             return "failed"
         final = await self._final_text(turn, shown, ending) or EMPTY_ANSWER
-        await streamer.finish(_with_notes(final, notes))
+        final = _with_notes(final, notes)
+        await streamer.finish(f"{final}\n\n{hint}" if hint else final)
         await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
         return "answered"
 

@@ -49,10 +49,14 @@ class Transcript:
     forms: tuple[HumanInputForm, ...] = field(default=())
     paused: bool = False
     from_outputs: bool = False  # the answer is the run's outputs (its End node ran), not streamed text
+    run_id: str = ""  # the workflow run (chatflows and workflows), once an event named it
+    conversation_id: str = ""
 
     def feed(self, event: DifyEvent) -> bool:
         """Take one event; True when the text the card shows changed."""
         before = self.raw
+        self.run_id = self.run_id or event.workflow_run_id
+        self.conversation_id = self.conversation_id or event.conversation_id
         if isinstance(event, TextDelta):
             if not self.moderated:
                 if event.text and self.reasoning:
@@ -75,11 +79,13 @@ class Transcript:
         elif isinstance(event, WorkflowFinished):
             self.status, self.error = event.status, event.error
             self.paused = False
-            if not self.answer.strip() and (event.status in FINISHED_STATUSES or event.status == "stopped"):
-                # a workflow whose End node streamed nothing; 1.16.1's resumed workflow ending "stopped" with the
-                # outputs its run record holds (dify/guarded.py reads them)
-                self.answer = text_from_outputs(event.outputs)
-                self.from_outputs = bool(self.answer)
+            outputs_text = text_from_outputs(event.outputs)
+            if event.status == "stopped" and outputs_text:
+                # its End node ran: 1.16.1 ends resumed workflows "stopped" all the same, with the outputs its
+                # run record holds (dify/guarded.py reads them). They are the answer.
+                self.answer, self.from_outputs = outputs_text, True
+            elif not self.answer.strip() and event.status in FINISHED_STATUSES:
+                self.answer = outputs_text  # a workflow whose End node streamed nothing
         return self.raw != before
 
     @property

@@ -23,19 +23,20 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from dingdifyd.dify.client import DifyClient, ends_answer_stream
 from dingdifyd.dify.events import DifyEvent, TextDelta, TextReplace, WorkflowFinished, text_from_outputs
-from dingdifyd.dify.following import follow_run_events
+from dingdifyd.dify.following import UNAVAILABLE_STATUSES, follow_run_events
 from dingdifyd.errors import (
     DifyAuthError,
     DifyError,
     DifyStreamCut,
     DifyTimeout,
     DifyTotalTimeout,
+    FormAnswerRefused,
     RunNotFollowable,
 )
 
@@ -195,6 +196,53 @@ class GuardedAnswers:
                 self._stop_later(progress, user)
             raise
 
+    async def resume_with(
+        self, *, run_id: str, task_id: str, user: str, submit: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[DifyEvent]:
+        """Resume a paused run by `submit` (a form's answer) and yield what it does next. Its events route is
+        subscribed to first: Dify publishes a run's events and keeps none, so the resumed run could otherwise
+        start unseen. RunNotFollowable, before anything is submitted, when this Dify cannot be followed; what
+        `submit` raises as it raises it."""
+        deadline = asyncio.get_running_loop().time() + self.client.timeouts.total
+        progress = _Progress(task_id, run_id)
+        submitted = False
+        try:
+            try:
+                async with self.client.subscribed_run_events(run_id, user, deadline=deadline) as events:
+                    await submit()
+                    submitted = True
+                    async for event in events:
+                        progress.see(event, self.client.app_type)
+                        if self._stopped_without_outputs(event):
+                            event = await self._with_recorded_outputs(event)
+                        yield event
+            except DifyAuthError:
+                raise
+            except (DifyStreamCut, DifyTimeout) as exc:
+                if not submitted:
+                    raise
+                async for event in self._after_a_break(progress, user, deadline, exc, events_tried=True):
+                    yield event
+            except DifyError as exc:
+                if submitted or exc.status not in UNAVAILABLE_STATUSES or isinstance(exc, FormAnswerRefused):
+                    raise
+                raise RunNotFollowable(str(exc), status=exc.status, code=exc.code) from exc
+        except asyncio.CancelledError:
+            if submitted:
+                await self._stop(progress, user, reason="cancelled")
+            raise
+        except GeneratorExit:
+            if submitted and not progress.terminal:
+                self._stop_later(progress, user)
+            raise
+
+    async def run_result(self, *, run_id: str, task_id: str, user: str) -> AsyncIterator[DifyEvent]:
+        """A workflow run's end from its record, polled (for a Dify whose events route cannot be used)."""
+        deadline = asyncio.get_running_loop().time() + self.client.timeouts.total
+        cause = DifyStreamCut(f"run {run_id} could not be followed on its events route")
+        async for event in self._follow_run(_Progress(task_id, run_id), user, deadline, cause):
+            yield event
+
     # --- after the stream broke --------------------------------------------------------------------------
 
     async def _after_a_break(
@@ -300,14 +348,15 @@ class GuardedAnswers:
                 ) from cause
             await asyncio.sleep(min(next(delays), remaining))
         log.info("workflow run %s ended %s after its stream was cut", run_id, status)
-        if status not in FINISHED_STATUSES:
+        outputs = run_outputs(record)
+        # (1.16.1 records a resumed workflow as stopped, with the outputs of its End node: an answer all the same)
+        if status not in FINISHED_STATUSES and not (status == "stopped" and text_from_outputs(outputs)):
             error = str(record.get("error") or f"the workflow run {status}")
             raise DifyError(error, code="workflow_failed" if status == "failed" else "workflow_stopped")
-        outputs = run_outputs(record)
         text = text_from_outputs(outputs)
         if text:
             yield TextReplace(
-                event="text_replace", task_id=progress.task_id, workflow_run_id=run_id, text=text
+                event="text_replace", task_id=progress.task_id, workflow_run_id=run_id, text=text, moderated=False
             )
         yield WorkflowFinished(
             event="workflow_finished",
@@ -315,6 +364,7 @@ class GuardedAnswers:
             workflow_run_id=run_id,
             status=status,
             outputs=outputs,
+            error=str(record.get("error") or "") if status == "stopped" else "",
         )
 
     # --- stopping ----------------------------------------------------------------------------------------

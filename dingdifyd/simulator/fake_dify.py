@@ -1624,7 +1624,7 @@ class FakeDify:
     # workflow events ------------------------------------------------------------------------------------
 
     def _node(self, run: _Run, node_id: str) -> dict[str, Any]:
-        review = run.app.human_input
+        review = run.form.node if run.form is not None else run.app.human_input
         nodes = {
             "start": ("start", "Start", 1, None),
             "llm": ("llm", "LLM", 2, "start"),
