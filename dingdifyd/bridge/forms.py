@@ -16,6 +16,7 @@ card) will call too: "answer this form with action X and inputs Y".
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -166,10 +167,10 @@ def expiry_line(form: HumanInputForm, now: float) -> str:
     left = form.expires_at - now
     if left <= 0:
         return FORM_EXPIRED
-    minutes = max(int(left // 60), 1)
+    minutes = math.ceil(left / 60)  # "within 60 minutes" for an hour's form read a moment after it opened
     if minutes <= 120:
         return FORM_EXPIRES_MINUTES.format(minutes=minutes)
-    return FORM_EXPIRES_HOURS.format(hours=int(left // 3600))
+    return FORM_EXPIRES_HOURS.format(hours=round(left / 3600))
 
 
 def _content(form: HumanInputForm) -> str:
