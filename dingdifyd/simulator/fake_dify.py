@@ -764,7 +764,11 @@ class FakeDify:
             }
         )
         if app.dialect.is_1x:  # 03, 04: no `image` section, a shorter moderation section
-            parameters["file_upload"].pop("image")
+            if app.mode in WORKFLOW_MODES:
+                parameters["file_upload"].pop("image")
+            elif not app.file_upload:  # 110b, 120b, 130b: a classic app without uploads has the image section only
+                parameters["file_upload"] = {"image": {"detail": "high", "enabled": False, "number_limits": 3,
+                                                       "transfer_methods": ["remote_url", "local_file"]}}  # fmt: skip
             parameters["sensitive_word_avoidance"] = {"enabled": False}
             if app.mode == "workflow" and not app.opening_statement:
                 parameters["opening_statement"] = None

@@ -25,15 +25,16 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dify-1.16.1"
 RECORDED_KEY = "app-REDACTED"
 USER = "alice"
 CAPTURE = "dingdifyd 1.x capture"
+LLM_CAPTURE = "dingdifyd 1.x capture (fake LLM)"
 # the capture's apps (tests/fixtures/dify-1.16.1/README.md), keyed for the fake
 APPS: dict[str, dict[str, Any]] = {
     "echo-chatflow": {"mode": "advanced-chat", "description": CAPTURE},
     "echo-workflow": {"mode": "workflow", "description": CAPTURE},
-    "llm-chatflow": {"mode": "advanced-chat"},
-    "llm-chat": {"mode": "chat"},
-    "llm-agent": {"mode": "agent-chat"},
-    "llm-completion": {"mode": "completion"},
-    "llm-workflow": {"mode": "workflow"},
+    "llm-chatflow": {"mode": "advanced-chat", "description": LLM_CAPTURE},
+    "llm-chat": {"mode": "chat", "description": LLM_CAPTURE},
+    "llm-agent": {"mode": "agent-chat", "description": LLM_CAPTURE},
+    "llm-completion": {"mode": "completion", "description": LLM_CAPTURE},
+    "llm-workflow": {"mode": "workflow", "description": LLM_CAPTURE},
     "hitl-workflow": {"mode": "workflow", "human_input": HumanInputNode()},
     "hitl-chatflow": {"mode": "advanced-chat", "human_input": HumanInputNode()},
     "hitl-timeout-workflow": {"mode": "workflow", "human_input": HumanInputNode(timeout=0)},
@@ -86,8 +87,10 @@ async def fake() -> AsyncIterator[FakeDify]:
     fake = FakeDify(version=DIFY_1_16, ping_interval=0.2)
     for name, spec in APPS.items():
         form = FORMS.get(name, [] if name.startswith(("llm-", "hitl-")) else None)
+        uploads = spec["mode"] in ("advanced-chat", "workflow")  # the capture's classic apps took no files
         fake.add_app(key(name), spec["mode"], name=name, description=spec.get("description", ""),
-                     human_input=spec.get("human_input"), user_input_form=form, token_delay=0)  # fmt: skip
+                     human_input=spec.get("human_input"), user_input_form=form, file_upload=uploads,
+                     token_delay=0)  # fmt: skip
     await fake.start()
     try:
         yield fake
@@ -176,7 +179,11 @@ def normalized(raw: bytes) -> bytes:
 @pytest.mark.parametrize(
     "case",
     [
-        "01-info", "02-info-workflow", "12-files-upload-nofile", "23-chatflow-bogus-conversation",
+        "01-info", "02-info-workflow", "100-llm-info-chatflow", "110-llm-info-chat", "120-llm-info-agent",
+        "130-llm-info-completion", "140-llm-info-workflow", "12-files-upload-nofile",
+        "23-chatflow-bogus-conversation", "25-chatflow-conversation-of-other-user",
+        "105b-llm-chatflow-fail500-blocking", "116b-llm-chat-fail500-blocking", "114-llm-chat-suggested-questions",
+        "125-llm-agent-stream-stopped-stop", "135-llm-completion-stream-stopped-stop",
         "24-chatflow-nonuuid-conversation", "29-chat-bad-api-key", "30-chat-no-auth-header",
         "31-chat-missing-query", "32-chat-missing-user", "33-chat-workflow-key-on-chat-endpoint",
         "34-chat-bad-response-mode", "35b-chat-missing-inputs", "36-chatflow-stream-stopped-stop",
@@ -194,6 +201,8 @@ async def test_json_answers_are_byte_identical(fake: FakeDify, session: aiohttp.
                                 headers={"Authorization": f"Bearer {key('echo-chatflow')}"}) as response:  # fmt: skip
             status, headers, body = response.status, dict(response.headers), await response.read()
     else:
+        if case.startswith("114"):
+            fake.enable_suggested_questions(key("llm-chat"), ["What can you do?", "Tell me more", "Give an example"])
         status, headers, body = await replay(fake, session, case)
     assert (status, body) == recorded(case)
     assert headers["Content-Type"] == "application/json"
@@ -308,7 +317,7 @@ async def test_a_stopped_stream_ends_like_the_recording(
 
 @pytest.mark.parametrize(
     "case", ["113-llm-chat-blocking", "106-llm-chatflow-blocking", "142-llm-workflow-blocking",
-             "144b-llm-workflow-fail500-blocking"]
+             "144b-llm-workflow-fail500-blocking", "132-llm-completion-blocking", "22-chatflow-blocking"]
 )  # fmt: skip
 async def test_blocking_answers_have_the_recorded_shape(
     fake: FakeDify, session: aiohttp.ClientSession, case: str
@@ -327,8 +336,12 @@ async def test_blocking_answers_have_the_recorded_shape(
     assert b'", "' in body and not body.endswith(b"\n")
 
 
-@pytest.mark.parametrize(("case", "app"), [("03-parameters-chatflow", "echo-chatflow"),
-                                           ("04-parameters-workflow", "echo-workflow")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("case", "app"),
+    [("03-parameters-chatflow", "echo-chatflow"), ("04-parameters-workflow", "echo-workflow"),
+     ("100b-llm-parameters-chatflow", "llm-chatflow"), ("110b-llm-parameters-chat", "llm-chat"),
+     ("120b-llm-parameters-agent", "llm-agent"), ("130b-llm-parameters-completion", "llm-completion")],
+)  # fmt: skip
 async def test_parameters_have_the_recorded_keys(
     fake: FakeDify, session: aiohttp.ClientSession, case: str, app: str
 ) -> None:
@@ -397,6 +410,10 @@ async def test_submitting_a_form_resumes_the_run_on_its_events_route(
     fake: FakeDify, session: aiohttp.ClientSession
 ) -> None:
     _, run_id, token = await pause(fake, session, "70-hitl-cf-stream-pause")
+    status, _, body = await replay(fake, session, "71-hitl-cf-form-get", path=f"/form/human_input/{token}")
+    assert status == 200
+    expected = json.loads(recorded("71-hitl-cf-form-get")[1])
+    assert json.loads(body) | {"expiration_time": 0} == expected | {"expiration_time": 0}
     _, events_path, headers, _ = request_of("72-hitl-cf-events-resumed")
     headers["Authorization"] = f"Bearer {key('hitl-chatflow')}"
     events_path = f"/workflow/{run_id}/events?user={USER}"
@@ -433,6 +450,8 @@ async def test_a_resumed_workflow_ends_stopped_while_its_record_has_the_outputs(
         status, _, body = await replay(fake, session, "64-hitl-wf-submit-approve", path=f"/form/human_input/{token}")
         assert (status, body) == recorded("64-hitl-wf-submit-approve") == (200, b"{}\n")
         raw = await events.read()
+    status, _, body = await replay(fake, session, "65-hitl-wf-submit-double", path=f"/form/human_input/{token}")
+    assert (status, normalized(body)) == (412, normalized(recorded("65-hitl-wf-submit-double")[1]))
     ours, theirs = chunks_of(raw), chunks_of(recorded("62-hitl-wf-events-resumed")[1])
     assert [c["event"] for c in ours] == [c["event"] for c in theirs]
     assert (ours[-1]["data"]["status"], ours[-1]["data"]["outputs"], ours[-1]["data"]["error"]) == (
@@ -497,6 +516,7 @@ async def test_events_of_another_user_are_not_found(fake: FakeDify, session: aio
                              ("63c-hitl-wf-submit-missing-user", "60-hitl-wf-stream-pause"),
                              ("69b-hitl-wf-timeout-form-get", "69-hitl-wf-timeout-stream-pause"),
                              ("69c-hitl-wf-timeout-submit", "69-hitl-wf-timeout-stream-pause"),
+                             ("79b-hitl-cf-timeout-form-get", "79-hitl-cf-timeout-stream-pause"),
                              ("79c-hitl-cf-timeout-submit", "79-hitl-cf-timeout-stream-pause")],
 )  # fmt: skip
 async def test_refused_form_answers_are_like_the_recording(
@@ -529,7 +549,22 @@ async def test_a_blocking_run_pauses_with_its_form(fake: FakeDify, session: aioh
         status, _, body = await replay(fake, session, case)
         assert status == 200
         assert shape(json.loads(body)) == shape(json.loads(recorded(case)[1]))
-        assert json.loads(body)["data"]["reasons"][0]["form_token"]
+        token = json.loads(body)["data"]["reasons"][0]["form_token"]
+        assert token
+    # the run record while paused (60b), and a number for a paragraph field taken as it is (68c)
+    run_id = json.loads(body)["workflow_run_id"]
+    (workflow_run,) = [r for r in fake.workflow_runs.values() if r.mode == "workflow"]
+    async with session.get(f"{fake.base_url}/workflows/run/{workflow_run.id}",
+                           headers={"Authorization": f"Bearer {key('hitl-workflow')}"}) as response:  # fmt: skip
+        detail = await response.json()
+    assert shape(detail) == shape(json.loads(recorded("60b-hitl-wf-run-detail-while-paused")[1]))
+    assert (detail["status"], detail["outputs"], detail["finished_at"]) == ("paused", {}, None)
+    workflow_token = workflow_run.forms[0].token
+    status, _, body = await replay(fake, session, "68c-hitl-wf-blocking-submit-number-for-paragraph",
+                                   path=f"/form/human_input/{workflow_token}")  # fmt: skip
+    assert (status, body) == recorded("68c-hitl-wf-blocking-submit-number-for-paragraph") == (200, b"{}\n")
+    assert fake.form_submissions[-1]["inputs"] == {"comment": 42}
+    assert run_id
 
 
 async def test_events_of_a_run_that_lost_its_client_go_on_for_a_subscriber(
