@@ -8,15 +8,17 @@ import sys
 
 import pytest
 
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, start_fake_dify
+from dingdifyd.simulator.dify_dialect import VERSIONS
+from dingdifyd.simulator.fake_dify import start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
 from tests.integration.harness import bot_entry, dify_key, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
 
-async def test_terminal_chat_streams_answers_and_keeps_context(tmp_path):
-    dify = await start_fake_dify(default_apps=True)
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_terminal_chat_streams_answers_and_keeps_context(tmp_path, version):
+    dify = await start_fake_dify(default_apps=True, version=version)
     dify.configure(dify_key("chatflow"), token_delay=0.002, mention_turn=True)
     unused_dingtalk = FakeDingTalk()  # chat needs no DingTalk; the config still names one
     try:
@@ -33,7 +35,7 @@ async def test_terminal_chat_streams_answers_and_keeps_context(tmp_path):
     assert process.returncode == 0, err.decode()
     assert "bot> Echo: first question | Turn 1 of this conversation." in text
     assert "bot> Echo: second question | Turn 2 of this conversation." in text
-    assert text.count(ANSWER_TAIL) == 2
+    assert text.count(dify.answer_tail) == 2
     first, second = dify.requests_to("/chat-messages")
     assert "conversation_id" not in first.json
     assert dify.conversations[second.json["conversation_id"]].queries == ["first question", "second question"]
