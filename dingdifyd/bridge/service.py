@@ -351,6 +351,8 @@ class BridgeService:
 
         show = streamer.set_text if self.bot.show_progress else None
         turn = AnswerTurn(app=app, session_key=key, user=pending.dify_user, show=show)
+        if pending.conversation_id and self.store.get_conversation(key) != pending.conversation_id:
+            turn.detached = True  # the session moved on (/new, a newer conversation): do not bring this one back
         rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
         streamer.render_with(rich.view)
         resume = getattr(app.answers, "resume_with", None)

@@ -290,3 +290,16 @@ async def test_a_form_kept_in_redis_is_answered_by_another_host(tmp_path, dingta
     assert answered.final_content == (
         "Decision: Approve (approve), comment: answered on another, query: asked on one host"
     )
+
+
+async def test_answering_a_form_after_new_does_not_bring_the_old_conversation_back(tmp_path, dingtalk, dify):
+    async with running_bot(config_for(tmp_path, dingtalk, dify, "chatflow")):
+        await say(dingtalk, "in the old conversation")
+        await say(dingtalk, "/new")
+        answered = await say(dingtalk, "1 ok")
+        dify.apps[KEYS["chatflow"]].human_input = None
+        fresh = await say(dingtalk, "a fresh start")
+    assert answered.final_content.startswith("Decision: Approve (approve), comment: ok")
+    first, last = dify.requests_to("/chat-messages")[0], dify.requests_to("/chat-messages")[-1]
+    assert "conversation_id" not in first.json and "conversation_id" not in last.json
+    assert fresh.final_content == echo("a fresh start", dify)
