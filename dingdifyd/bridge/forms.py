@@ -27,6 +27,8 @@ from dingdifyd.dify.forms import FormAction, FormField, HumanInputForm
 
 # --- what people read (English for now; a later issue moves these into gettext catalogs) --------------------
 
+UNTITLED_FORM = "Form"  # a form whose node has no title
+UNNAMED_ASKER = "the person who asked"
 FORM_HEADING = "📝 **{title}**"
 FORM_FIELDS_HEADING = "**To fill in:**"
 FORM_FIELD_TEXT = "- `{name}`"
@@ -46,6 +48,7 @@ FORM_ELSEWHERE = (
 )
 FORM_CHANNELS = {"console": "the Dify console", "email": "email", "webapp": "the Dify web app"}
 FORM_SOMEWHERE = "Dify"
+FORM_CHANNELS_JOIN = " or "  # between two of the places a form is handled in
 FORM_UNAVAILABLE = "📝 The app waits for “{title}”, but the form could not be read here. Please ask again later."
 
 ANSWER_EXPIRED = "⌛ The form “{title}” expired before your answer came. Please ask again."
@@ -94,7 +97,7 @@ class PendingForm:
 
     @property
     def title(self) -> str:
-        return self.form.node_title or "Form"
+        return title_of(self.form)
 
     def expired(self, now: float) -> bool:
         return self.form.expires_at is not None and now >= self.form.expires_at
@@ -134,7 +137,7 @@ class PendingForm:
 
 def render_form(form: HumanInputForm, now: float) -> str:
     """The card text of a pending form: its content, what to fill in, the actions numbered, how to answer."""
-    parts = [FORM_HEADING.format(title=form.node_title or "Form")]
+    parts = [FORM_HEADING.format(title=title_of(form))]
     content = _content(form)
     if content:
         parts.append(content)
@@ -158,7 +161,11 @@ def render_form(form: HumanInputForm, now: float) -> str:
 def render_elsewhere(form: HumanInputForm) -> str:
     """A form Dify delivers to no one the Service API may answer for (`form_token: null`): where it is handled."""
     channels = [FORM_CHANNELS.get(channel, channel) for channel in form.approval_channels]
-    return FORM_ELSEWHERE.format(title=form.node_title or "Form", channels=" or ".join(channels) or FORM_SOMEWHERE)
+    return FORM_ELSEWHERE.format(title=title_of(form), channels=FORM_CHANNELS_JOIN.join(channels) or FORM_SOMEWHERE)
+
+
+def title_of(form: HumanInputForm) -> str:
+    return form.node_title or UNTITLED_FORM
 
 
 def expiry_line(form: HumanInputForm, now: float) -> str:

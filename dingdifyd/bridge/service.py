@@ -287,7 +287,7 @@ class BridgeService:
         if mine is None:
             for other in others if message.is_group else ():
                 if forms.choose_action(other.form.actions, text) is not None:
-                    asker = other.asker_name or "the person who asked"
+                    asker = other.asker_name or forms.UNNAMED_ASKER
                     await streamer.finish(forms.ONLY_ASKER.format(asker=asker, title=other.title))
                     return "answered"
             return None
@@ -401,7 +401,7 @@ class BridgeService:
         """A run that waits for a form: the form in the card, kept for the person's answer."""
         form = transcript.forms[0] if transcript.forms else None
         if form is None:
-            text = forms.FORM_UNAVAILABLE.format(title="Form")
+            text = forms.FORM_UNAVAILABLE.format(title=forms.UNTITLED_FORM)
         elif form.token is None:
             text = forms.render_elsewhere(form)  # delivered only where the Service API may not answer it
         else:
