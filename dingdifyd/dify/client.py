@@ -7,8 +7,8 @@ the response headers (Dify sends them once the app has started), and the gap bet
 stream (Dify pings every 10 s, so a silent minute means a dead stream). The stream ends at the terminal
 event, not at EOF: Dify keeps the socket open after `message_end` while it generates a conversation title.
 
-Dify 1.x adds what a paused or cut run needs: the run's event stream (`GET /workflow/:run_id/events`, ≥ 1.14,
-run_events.py) and the human-input form routes (`GET`/`POST /form/human_input/:token`).
+Dify 1.x adds what a paused or cut run needs: the run's event stream (`GET /workflow/:run_id/events`, ≥ 1.14;
+following it is dify/following.py's) and the human-input form routes (`GET`/`POST /form/human_input/:token`).
 """
 
 from __future__ import annotations
