@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the daemon against built-in DingTalk and Dify simulators")
     demo.add_argument("--speed", type=float, default=1.0, help="answer speed factor (default 1.0)")
+    demo.add_argument(
+        "--dify-version", choices=("1.16.1", "0.15.3"), default="1.16.1",
+        help="the Dify the simulator plays (default 1.16.1; its demo includes a human-input form)",
+    )  # fmt: skip
     return parser
 
 
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from dingdifyd.demo import run_demo
 
-            return run_demo(speed=args.speed)
+            return run_demo(speed=args.speed, dify_version=args.dify_version)
     except ConfigError as exc:
         _print_problems(getattr(args, "config", None) or args.command, exc)
         return EX_CONFIG

@@ -50,6 +50,7 @@ from dingdifyd.errors import (
     DingTalkAuthError,
     DingTalkError,
     DingTalkUnavailable,
+    UnsupportedAppMode,
 )
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
@@ -258,13 +259,20 @@ class BotDoctor:
             self.checks.append(skip(f"Dify app type{label}", "needs an accepted key"))
             self.checks.append(skip(f"Dify inputs{label}", "needs an accepted key"))
             return
+        except UnsupportedAppMode as exc:
+            self.checks.append(ok(f"Dify key{label}", f"accepted by {url}{_version(client)}"))
+            detail = f"the key belongs to a Dify {exc.mode} app (mode {exc.mode}), which cannot answer chat messages"
+            fix = f"set {where}.dify_app_api_key to the key of a chatbot, agent, chatflow, workflow or completion app"
+            self.checks.append(fail(f"Dify app type{label}", detail, fix))
+            self.checks.append(skip(f"Dify inputs{label}", "needs an app that answers messages"))
+            return
         except (DifyError, TimeoutError) as exc:
             self.checks.append(_unreachable(f"Dify key{label}", exc, url))
             self.checks.append(skip(f"Dify app type{label}", "needs Dify"))
             self.checks.append(skip(f"Dify inputs{label}", "needs Dify"))
             return
         name = f" ({report.app_name!r})" if report.app_name else ""
-        self.checks.append(ok(f"Dify key{label}", f"accepted by {url}{name}"))
+        self.checks.append(ok(f"Dify key{label}", f"accepted by {url}{name}{_version(client)}"))
         self.checks.append(self._app_type_check(f"Dify app type{label}", report, where))
         app_type = report.actual or (configured if configured != AUTO else "chatbot")
         try:
@@ -282,7 +290,8 @@ class BotDoctor:
             return fail(name, detail, f"set {where}.dify_app_type: {report.actual or 'auto'}")
         mode = f" (mode {report.mode})" if report.mode else ""
         if report.configured == AUTO:
-            return ok(name, f"auto: a {report.describe() if report.actual else 'chat-route app'}")
+            known = report.actual and not report.only_family_known
+            return ok(name, f"auto: a {report.actual} app{mode}" if known else f"auto: a {report.describe()}")
         if report.actual is None:
             return ok(name, f"{report.configured}: the app answers on the {family(report.configured)} routes")
         if report.actual != report.configured:
@@ -352,3 +361,8 @@ def run_doctor(config_path: str, bot_names: Sequence[str] | None, out: TextIO = 
     # the lines are the report: the adapters' own warnings (retries, refusals) would only repeat them
     logging.basicConfig(level=logging.CRITICAL)
     return asyncio.run(doctor_main(daemon, bot_names, out))
+
+
+def _version(client: DifyClient) -> str:
+    """The Dify version the server names in its answers (`X-Version`), when it does."""
+    return f", Dify {client.server_version}" if client.server_version else ""

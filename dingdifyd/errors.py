@@ -83,6 +83,31 @@ class DifyStreamCut(DifyError):
     user_message = "The answer was cut off by the AI service. Please try again."
 
 
+class RunNotFollowable(DifyError):
+    """A Dify run cannot be followed on its events route (Dify ≥ 1.14): the route is missing or refused, or
+    does not know the run (another user's, or gone). Nothing of the run was read."""
+
+
+class FormAnswerRefused(DifyError):
+    """Dify refused an answer to a human-input form: `kind` is submitted (answered already), expired, gone (no
+    such form any more), or invalid (Dify's reason in the message)."""
+
+    def __init__(self, kind: str, message: str, *, status: int | None = None, code: str | None = None):
+        self.kind = kind
+        super().__init__(message, status=status, code=code)
+
+
+class UnsupportedAppMode(DifyError):
+    """The key belongs to a 1.x app no chat can use (`channel`, `rag-pipeline`)."""
+
+    exit_code = EX_CONFIG
+    user_message = "This bot is not set up correctly (its Dify app cannot answer chat messages). Please tell its admin."
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        super().__init__(f"the Dify app is a {mode} app, which cannot answer chat messages", code="unsupported_mode")
+
+
 class DifyUnavailable(DifyError):
     """Connection refused, DNS failure, TLS error: Dify could not be reached at all."""
 

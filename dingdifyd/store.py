@@ -6,7 +6,9 @@ after fork. Four kinds of record:
 - message claim: (robotCode, msgId) -> first seen; added atomically, so a redelivered message is recognised even
   after a restart;
 - in flight: the message being answered, so that a process that dies mid-answer is followed by one that finishes it;
-- counters: the DingTalk calls made per day and per month (dingtalk/accounting.py), kept across restarts.
+- counters: the DingTalk calls made per day and per month (dingtalk/accounting.py), kept across restarts;
+- pending forms: per chat, per person, the human-input form a paused Dify run waits for (bridge/forms.py), as a
+  plain dict, until the time it may be forgotten (a while after the form expired).
 
 `store: redis://...` keeps the same records in Redis instead, shared by the daemons of several hosts
 (dingdifyd.store_redis); `open_store` picks the backend.
@@ -39,6 +41,10 @@ class InFlight:
     message: dict[str, Any]  # IncomingMessage fields
     out_track_id: str
     attempts: int
+    # the Dify run answering it, once its stream named it: a successor follows that run (Dify ≥ 1.14) instead of
+    # asking again. Defaults, so that records of older versions still load.
+    workflow_run_id: str = ""
+    task_id: str = ""
 
 
 class Store(Protocol):
@@ -57,6 +63,9 @@ class Store(Protocol):
     def peers(self) -> list[str]: ...
     def incr(self, key: str, amount: int = 1, expire: float | None = None) -> int: ...
     def counter(self, key: str) -> int: ...
+    def save_form(self, chat_key: str, person: str, record: dict[str, Any], forget_at: float) -> None: ...
+    def forms_in_chat(self, chat_key: str) -> dict[str, dict[str, Any]]: ...
+    def forget_form(self, chat_key: str, person: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -111,6 +120,29 @@ class DiskStore:
         value = self._main.get(("count", key), 0)
         return value if isinstance(value, int) else 0
 
+    def save_form(self, chat_key: str, person: str, record: dict[str, Any], forget_at: float) -> None:
+        """Keep `person`'s pending form in the chat (one per person: it replaces theirs) until `forget_at` (unix)."""
+        key = ("forms", chat_key)
+        with self._main.transact():
+            forms = _live_forms(self._main.get(key), time.time())
+            forms[person] = (forget_at, record)
+            self._main.set(key, forms, expire=max(f for f, _ in forms.values()) - time.time())
+
+    def forms_in_chat(self, chat_key: str) -> dict[str, dict[str, Any]]:
+        """The pending forms of a chat, by person; forgotten ones left out."""
+        return {person: record for person, (_, record) in _live_forms(self._main.get(("forms", chat_key)),
+                                                                        time.time()).items()}  # fmt: skip
+
+    def forget_form(self, chat_key: str, person: str) -> None:
+        key = ("forms", chat_key)
+        with self._main.transact():
+            forms = _live_forms(self._main.get(key), time.time())
+            forms.pop(person, None)
+            if forms:
+                self._main.set(key, forms, expire=max(f for f, _ in forms.values()) - time.time())
+            else:
+                self._main.delete(key)
+
     def keep_alive(self) -> None:
         """Nothing to renew: no other process adopts answers from a disk store."""
 
@@ -120,6 +152,17 @@ class DiskStore:
     def close(self) -> None:
         self._main.close()
         self._inflight.close()
+
+
+def _live_forms(value: Any, now: float) -> dict[str, tuple[float, dict[str, Any]]]:
+    """A chat's stored forms (person -> (forget at, record)) without those past their time."""
+    if not isinstance(value, dict):
+        return {}
+    return {
+        person: (forget_at, record)
+        for person, (forget_at, record) in value.items()
+        if isinstance(record, dict) and forget_at > now
+    }
 
 
 def open_store(url: str, state_dir: str, bot_name: str) -> Store:

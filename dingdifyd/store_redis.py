@@ -7,7 +7,9 @@ connections at random). With this store they share what must be shared:
 - answers in flight: each record names the process that owns it, and each process holds a lease (a key
   with a TTL that it refreshes, see dingdifyd.adoption). Only the answers of a process whose lease has
   expired (it crashed, or its host is gone) are adopted, each by exactly one other process (a compare-and-set
-  in Lua). Host B therefore never resumes an answer host A is still streaming.
+  in Lua). Host B therefore never resumes an answer host A is still streaming;
+- pending human-input forms: a hash per chat (person -> JSON with its own forget time), so a person's answer
+  finds their form whichever host gets it; the hash lives as long as its latest form.
 
 Calls are synchronous, like the disk store's: the bridge claims a message before the frame is ACKed, and a
 Redis round trip on a LAN is well under a millisecond. Every call goes through `_call`, which bounds it (1 s
@@ -27,7 +29,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -53,6 +55,15 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
     return 1
 end
 return 0
+"""
+# Keep a person's form in the chat's hash; the hash lives at least until this form may be forgotten.
+_SAVE_FORM = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
 """
 # Add to a counter; give it its expiry on its first increment only (a day's count lives three days, say).
 _INCR = """
@@ -109,6 +120,7 @@ class RedisStore:
             raise ConfigError([f"store: {self.url} is not a usable Redis URL: {exc}"]) from None
         self._adopt = self._redis.register_script(_ADOPT)
         self._incr = self._redis.register_script(_INCR)
+        self._save_form = self._redis.register_script(_SAVE_FORM)
         self._check_access()
         self.keep_alive()
 
@@ -226,6 +238,34 @@ class RedisStore:
         except ValueError:
             return 0
 
+    def save_form(self, chat_key: str, person: str, record: dict[str, Any], forget_at: float) -> None:
+        value = json.dumps({"forget_at": forget_at, "record": record})
+        keep_ms = max(int((forget_at - time.time()) * 1000), 1)
+        args = [person, value, keep_ms]
+        self._call("saving a form", lambda: self._save_form([self._forms_key(chat_key)], args), None)
+
+    def forms_in_chat(self, chat_key: str) -> dict[str, dict[str, Any]]:
+        raw: dict[str, str] = self._call(
+            "reading forms", lambda: self._redis.hgetall(self._forms_key(chat_key)), {}
+        )
+        now = time.time()
+        forms: dict[str, dict[str, Any]] = {}
+        for person, value in raw.items():
+            try:
+                entry = json.loads(value)
+                forget_at, record = float(entry["forget_at"]), entry["record"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if forget_at > now and isinstance(record, dict):
+                forms[person] = record
+            else:  # past its time (the hash lives as long as its latest form)
+                self.forget_form(chat_key, person)
+        return forms
+
+    def forget_form(self, chat_key: str, person: str) -> None:
+        key = self._forms_key(chat_key)
+        self._call("forgetting a form", lambda: self._redis.hdel(key, person), None)
+
     def keep_alive(self) -> None:
         """Renew this process's lease; a lapsed lease lets other processes adopt its answers."""
         info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": int(time.time())})
@@ -267,6 +307,9 @@ class RedisStore:
 
     def _lease_key(self, owner: str) -> str:
         return self._prefix + "lease:" + owner
+
+    def _forms_key(self, chat_key: str) -> str:
+        return self._prefix + "forms:" + chat_key
 
     def _owners_alive(self, owners: list[str]) -> list[bool]:
         if not owners:

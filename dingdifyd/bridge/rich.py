@@ -11,7 +11,7 @@ from dingdifyd.bridge.media import OutgoingMedia
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.config import BotConfig
-from dingdifyd.dify.events import DifyEvent, MessageFile, WorkflowFinished
+from dingdifyd.dify.events import DifyEvent, MessageEnd, MessageFile, WorkflowFinished
 
 
 class RichAnswer:
@@ -31,11 +31,17 @@ class RichAnswer:
         return self.media.card_text(render_answer(raw, self.style, final=False))
 
     def see(self, event: DifyEvent) -> None:
-        """Files Dify sends beside the text: `message_file` events and workflow file outputs."""
+        """Files Dify sends beside the text: `message_file` events, workflow file outputs, and 1.x's `files` of
+        `message_end` and `workflow_finished`. One file named in several places (and as a markdown image in the
+        text, signed differently) is one file: its path is its key (bridge/media.py)."""
         if isinstance(event, MessageFile) and event.belongs_to != "user":
             self.media.add_file(event.url, event.file_type)
+        elif isinstance(event, MessageEnd) and event.files:
+            self.media.add_outputs({"files": list(event.files)})
         elif isinstance(event, WorkflowFinished):
             self.media.add_outputs(event.outputs)
+            if event.files:
+                self.media.add_outputs({"files": list(event.files)})
 
     async def final(self, raw: str) -> str:
         """The card's final text, once every image is uploaded (or given up on)."""

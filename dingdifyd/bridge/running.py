@@ -14,7 +14,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, cast
 
 from dingdifyd.bridge.progress import progress_line
-from dingdifyd.dify.events import DifyEvent, MessageEnd, TextDelta, TextReplace, WorkflowFinished
+from dingdifyd.dify.events import (
+    DifyEvent,
+    MessageEnd,
+    ReasoningDelta,
+    TextDelta,
+    TextReplace,
+    WorkflowFinished,
+    WorkflowPaused,
+)
 from dingdifyd.errors import PeerError
 
 if TYPE_CHECKING:
@@ -72,10 +80,11 @@ class AnswerTurn:
             self.task_id = event.task_id
         if isinstance(event, TextDelta | TextReplace | MessageEnd) and event.message_id:
             self.message_id = event.message_id
-        if isinstance(event, TextDelta | TextReplace):
+        if isinstance(event, TextDelta | TextReplace | ReasoningDelta):
+            # thinking counts: the card shows it (or "Thinking…") instead of a step line
             self.answer_started = self.answer_started or bool(event.text)
             return
-        if isinstance(event, MessageEnd | WorkflowFinished):
+        if isinstance(event, MessageEnd | WorkflowFinished | WorkflowPaused):
             self._cancel_progress()
             return
         line = progress_line(event)

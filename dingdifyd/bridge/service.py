@@ -12,13 +12,18 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from dingdifyd.bridge import intake, session
+from dingdifyd.bridge import attachments as att
+from dingdifyd.bridge import forms, intake, session
 from dingdifyd.bridge.access import AccessPolicy
-from dingdifyd.bridge.apps import AppRouter
+from dingdifyd.bridge.apps import AppRouter, DifyApp
 from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.commands import ChatCommands, parse_command
+from dingdifyd.bridge.failures import failure_note
+from dingdifyd.bridge.forms import Answer, Invalid, NotAnAnswer, PendingForm
+from dingdifyd.bridge.human_input import FormDesk
 from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
@@ -27,18 +32,12 @@ from dingdifyd.bridge.report import AnswerReport
 from dingdifyd.bridge.rich import RichAnswer
 from dingdifyd.bridge.running import AnswerTurn, RunningAnswers, stopped_text
 from dingdifyd.bridge.streamer import CardStreamer
+from dingdifyd.bridge.transcript import Ending, Transcript
 from dingdifyd.bridge.uploads import IncomingFiles, Question
 from dingdifyd.config import BotConfig
-from dingdifyd.dify.events import (
-    MessageEnd,
-    MessageFile,
-    TextDelta,
-    TextReplace,
-    WorkflowFinished,
-    text_from_outputs,
-)
+from dingdifyd.dify.events import DifyEvent, MessageEnd, MessageFile, WorkflowFinished
 from dingdifyd.dingtalk.scheduler import CardScheduler
-from dingdifyd.errors import ConversationNotFound, PeerError
+from dingdifyd.errors import ConversationNotFound, DifyStreamCut, FormAnswerRefused, PeerError, RunNotFollowable
 from dingdifyd.logfields import event as log_event
 from dingdifyd.logfields import message_context
 from dingdifyd.store import InFlight, Store
@@ -82,6 +81,7 @@ class BridgeService:
         self.access = AccessPolicy.from_bot(bot)
         self.running = RunningAnswers()
         self.commands = ChatCommands(bot.command_prefix, store, self.running)
+        self.forms = FormDesk(store)  # human-input forms waiting for people's answers
         self.replies = replies
         self.clock = clock
         self.policy = UpdatePolicy(interval=bot.card_update_interval, min_chars=bot.card_update_min_chars)
@@ -191,7 +191,7 @@ class BridgeService:
             if record.attempts > MAX_ATTEMPTS:
                 await streamer.fail(GAVE_UP)
                 return
-            outcome = await self._respond(message, streamer)
+            outcome = await self._respond(message, streamer, record)
         except asyncio.CancelledError:
             outcome = "interrupted"
             with contextlib.suppress(BaseException):
@@ -208,7 +208,7 @@ class BridgeService:
                 getattr(exc, "code", None),
                 exc,
             )
-            await streamer.fail(_with_note(streamer.text, exc.user_message))
+            await streamer.fail(_with_note(streamer.text, failure_note(exc)))
         except Exception as exc:
             error = exc
             log.exception("message %s: unexpected error", message.msg_id)
@@ -258,7 +258,7 @@ class BridgeService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _respond(self, message: IncomingMessage, streamer: CardStreamer) -> str:
+    async def _respond(self, message: IncomingMessage, streamer: CardStreamer, record: InFlight) -> str:
         refusal = intake.refusal(message, max_chars=self.bot.max_message_chars)  # DingTalk errors, huge texts
         if refusal is not None:
             await streamer.finish(refusal)
@@ -271,6 +271,23 @@ class BridgeService:
             await streamer.finish(reply)
             return "answered"
         user = session.dify_user(message, self.bot.session_scope)
+        if record.workflow_run_id:
+            # an earlier process died while Dify answered: follow that run rather than ask again
+            followed = await self._follow_run_of(message, streamer, record, app, key, user)
+            if followed is not None:
+                return followed
+        # a human-input form waiting for this person (or someone else) in this chat: is this its answer?
+        mine, others = self.forms.pending(app, message)
+        if mine is not None or others:
+            answered = await self._reply_to_forms(message, streamer, app, key, text, mine, others)
+            if answered is not None:
+                return answered
+        hint = None
+        if mine is not None:
+            if mine.expired(self.forms.clock()):
+                self.forms.forget(app, message)  # not an answer, and too late for one anyway
+            else:
+                hint = forms.STILL_PENDING.format(title=mine.title)
         # pictures, files and voice: what the app is asked, or why it cannot be (bridge/uploads.py)
         question = await self.incoming.prepare(message, text, user=user, app=app)
         if question.reply is not None:
@@ -282,17 +299,217 @@ class BridgeService:
         streamer.render_with(rich.view)
         try:
             with self.running.track(turn):  # what /stop finds
-                answer = await self._ask_dify(message, question, streamer, turn, rich)
-            final = await self._final_text(turn, await rich.final(answer)) or EMPTY_ANSWER
-            await streamer.finish(_with_notes(final, question.notes))
-            await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
+                transcript = await self._ask_dify(message, question, streamer, turn, rich, record)
+            return await self._end_card(message, streamer, turn, rich, transcript, question.notes, hint=hint)
         finally:
             await rich.aclose()
+
+    # --- human-input forms ------------------------------------------------------------------------------------
+
+    async def _reply_to_forms(
+        self,
+        message: IncomingMessage,
+        streamer: CardStreamer,
+        app: DifyApp,
+        key: str,
+        text: str,
+        mine: PendingForm | None,
+        others: list[PendingForm],
+    ) -> str | None:
+        """Answer the sender's pending form when the message is its answer; None when it is a new question."""
+        if mine is None:
+            for other in others if message.is_group else ():
+                if forms.choose_action(other.form.actions, text) is not None:
+                    asker = other.asker_name or forms.UNNAMED_ASKER
+                    await streamer.finish(forms.ONLY_ASKER.format(asker=asker, title=other.title))
+                    return "answered"
+            return None
+        if mine.action_id and att.attachments_of(message):  # the file an answer waits for
+            return await self._form_files(message, streamer, app, key, mine)
+        if not text:
+            return None
+        reply = forms.read_reply(mine.form, text)
+        if isinstance(reply, NotAnAnswer):
+            return None
+        if isinstance(reply, Invalid):
+            await streamer.finish(forms.ANSWER_INVALID.format(reason=reply.reason, title=mine.title))
+            return "answered"
+        return await self._answer_or_wait(message, streamer, app, key, mine, reply)
+
+    async def _answer_or_wait(
+        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm,
+        reply: Answer,
+    ) -> str:  # fmt: skip
+        """Submit the answer, or keep it until the files its file fields wait for are sent."""
+        if reply.awaiting:
+            waiting = dataclasses.replace(pending, action_id=reply.action_id, inputs=dict(reply.inputs))
+            self.forms.keep(app, message, waiting)
+            await streamer.finish(forms.ANSWER_SEND_FILE.format(name=reply.awaiting[0].name, title=pending.title))
+            return "answered"
+        return await self._answer_form(message, streamer, app, key, pending, reply.action_id, dict(reply.inputs))
+
+    async def _form_files(
+        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm
+    ) -> str:
+        """A picture or file sent for the first file field an answer waits for."""
+        field = next(f for f in pending.form.fields if f.is_file and f.name not in pending.inputs)
+        refused = next((a for a in att.attachments_of(message)
+                        if not forms.accepts(field, a.dify_type, a.extension)), None)  # fmt: skip
+        if refused is not None:
+            reply = forms.ANSWER_FILE_WRONG.format(name=field.name, kinds=forms.kinds_of(field), title=pending.title)
+            await streamer.finish(reply)
+            return "answered"
+        limit = 1 if field.type == "file" else field.max_files or 10
+        uploaded = await self.incoming.upload_for_form(message, user=pending.dify_user, app=app, limit=limit)
+        if isinstance(uploaded, str):
+            await streamer.finish(forms.ANSWER_INVALID.format(reason=uploaded, title=pending.title))
+            return "answered"
+        value: Any = uploaded[0] if field.type == "file" else uploaded
+        reply = forms.answer(pending.form, pending.action_id, {**pending.inputs, field.name: value})
+        if isinstance(reply, Invalid):  # (cannot be: the rest was checked when the action was chosen)
+            await streamer.finish(forms.ANSWER_INVALID.format(reason=reply.reason, title=pending.title))
+            return "answered"
+        return await self._answer_or_wait(message, streamer, app, key, pending, reply)
+
+    async def _answer_form(
+        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm,
+        action_id: str, inputs: dict[str, Any],
+    ) -> str:  # fmt: skip
+        """Answer the form in Dify and stream what the run does next into this message's card."""
+        submit_form = self.forms.submitter(app, pending, action_id, inputs)
+
+        async def submit() -> None:
+            await submit_form()
+            self.forms.forget(app, message)  # answered: whatever happens next, it is no longer pending
+
+        show = streamer.set_text if self.bot.show_progress else None
+        turn = AnswerTurn(app=app, session_key=key, user=pending.dify_user, show=show)
+        if pending.conversation_id and self.store.get_conversation(key) != pending.conversation_id:
+            turn.detached = True  # the session moved on (/new, a newer conversation): do not bring this one back
+        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        streamer.render_with(rich.view)
+        resume = getattr(app.answers, "resume_with", None)
+        try:
+            with self.running.track(turn):
+                try:
+                    if resume is None:
+                        raise RunNotFollowable("these answers cannot follow a run")
+                    stream = resume(run_id=pending.workflow_run_id, task_id=pending.task_id, user=pending.dify_user,
+                                    submit=submit)  # fmt: skip
+                    transcript = await self._follow(stream, pending.conversation_id or None, streamer, turn, rich)
+                except RunNotFollowable:
+                    # this Dify cannot show the resumed run: answer all the same, and read a workflow's end
+                    await submit()
+                    run_result = getattr(app.answers, "run_result", None)
+                    if app.client.app_type != "workflow" or run_result is None:
+                        await streamer.finish(forms.ANSWER_NOT_PASSED.format(title=pending.title))
+                        return "answered"
+                    stream = run_result(run_id=pending.workflow_run_id, task_id=pending.task_id,
+                                        user=pending.dify_user)  # fmt: skip
+                    transcript = await self._follow(stream, None, streamer, turn, rich)
+            return await self._end_card(message, streamer, turn, rich, transcript, [])
+        except FormAnswerRefused as refused:
+            log.info("message %s: the form answer was refused (%s)", message.msg_id, refused.kind)
+            await streamer.finish(self._refused_text(app, message, pending, refused))
+            return "answered"
+        finally:
+            await rich.aclose()
+
+    def _refused_text(
+        self, app: DifyApp, message: IncomingMessage, pending: PendingForm, refused: FormAnswerRefused
+    ) -> str:
+        title = pending.title
+        if refused.kind == "invalid":  # the form stays: the person may answer again
+            return forms.ANSWER_REFUSED.format(title=title, reason=str(refused))
+        self.forms.forget(app, message)
+        if refused.kind == "expired":
+            return forms.ANSWER_EXPIRED.format(title=title)
+        if refused.kind == "submitted":
+            return forms.ANSWER_TOO_LATE.format(title=title)
+        return forms.ANSWER_GONE.format(title=title)
+
+    async def _pause_card(
+        self, message: IncomingMessage, streamer: CardStreamer, turn: AnswerTurn, transcript: Transcript, shown: str
+    ) -> str:
+        """A run that waits for a form: the form in the card, kept for the person's answer."""
+        form = transcript.forms[0] if transcript.forms else None
+        if form is None:
+            text = forms.FORM_UNAVAILABLE.format(title=forms.UNTITLED_FORM)
+        elif form.token is None:
+            text = forms.render_elsewhere(form)  # delivered only where the Service API may not answer it
+        else:
+            resolved = await self.forms.resolved(turn.app, form)
+            if isinstance(resolved, FormAnswerRefused):
+                text = forms.FORM_EXPIRED
+            else:
+                now = self.forms.clock()
+                pending = PendingForm(
+                    form=resolved, app=turn.app.namespace, workflow_run_id=transcript.run_id, task_id=turn.task_id,
+                    dify_user=turn.user, asker=message.user_id, asker_name=message.sender_nick,
+                    conversation_id=transcript.conversation_id, created_at=now,
+                )  # fmt: skip
+                self.forms.keep(turn.app, message, pending)
+                log.info("message %s: run %s waits for form %s", message.msg_id, transcript.run_id, form.form_id)
+                text = forms.render_form(resolved, now)
+        await streamer.finish(f"{shown.rstrip()}\n\n---\n{text}" if shown.strip() else text)
         return "answered"
 
-    async def _final_text(self, turn: AnswerTurn, answer: str) -> str:
-        """The answer as the card ends with it: marked when stopped, followed by suggested questions."""
-        if turn.stopped:
+    async def _follow_run_of(
+        self, message: IncomingMessage, streamer: CardStreamer, record: InFlight, app: DifyApp, key: str, user: str
+    ) -> str | None:
+        """Finish an answer whose process died, from its Dify run; None when this Dify cannot follow it (the
+        question is then asked again, as before 1.x)."""
+        follow = getattr(app.answers, "follow_run", None)
+        if follow is None:
+            return None
+        turn = AnswerTurn(app=app, session_key=key, user=user)  # no progress lines: the card keeps its text
+        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        streamer.render_with(rich.view)
+        stream = follow(run_id=record.workflow_run_id, task_id=record.task_id, user=user)
+        try:
+            with self.running.track(turn):
+                # the card keeps what the dead process wrote until the run's end is known: the run's text
+                # between then and now is not to be had again
+                transcript = await self._follow(stream, None, streamer, turn, rich, quiet=True)
+            log.info("message %s: followed Dify run %s to its end", message.msg_id, record.workflow_run_id)
+            return await self._end_card(message, streamer, turn, rich, transcript, [])
+        except RunNotFollowable as exc:
+            log.info("message %s: run %s cannot be followed (%s); asking again", message.msg_id,
+                     record.workflow_run_id, exc.status)  # fmt: skip
+            return None
+        finally:
+            await rich.aclose()
+
+    async def _end_card(
+        self,
+        message: IncomingMessage,
+        streamer: CardStreamer,
+        turn: AnswerTurn,
+        rich: RichAnswer,
+        transcript: Transcript,
+        notes: list[str],
+        *,
+        hint: str | None = None,
+    ) -> str:
+        """End the card the way the run ended: its answer, what was written with why it stopped, or the form it
+        waits for. `hint`: a line after the answer (a form still waiting)."""
+        ending = transcript.ending
+        shown = await rich.final(transcript.raw)
+        if ending is Ending.PAUSED and not turn.stopped:
+            return await self._pause_card(message, streamer, turn, transcript, shown)
+        if ending is Ending.CUT and not turn.stopped:
+            await streamer.fail(_with_note(shown, DifyStreamCut.user_message))
+            return "failed"
+        final = await self._final_text(turn, shown, ending) or EMPTY_ANSWER
+        final = _with_notes(final, notes)
+        await streamer.finish(f"{final}\n\n{hint}" if hint else final)
+        await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
+        return "answered"
+
+    async def _final_text(self, turn: AnswerTurn, answer: str, ending: Ending) -> str:
+        """The answer as the card ends with it: marked when stopped (by /stop, or in Dify by someone else),
+        followed by suggested questions."""
+        if turn.stopped or ending is Ending.STOPPED:
             return stopped_text(answer)
         if self.bot.show_suggested_questions and answer.strip():
             timeout = self.bot.suggested_questions_timeout
@@ -300,18 +517,24 @@ class BridgeService:
         return answer
 
     async def _ask_dify(
-        self, message: IncomingMessage, question: Question, streamer: CardStreamer, turn: AnswerTurn, rich: RichAnswer
-    ) -> str:
+        self,
+        message: IncomingMessage,
+        question: Question,
+        streamer: CardStreamer,
+        turn: AnswerTurn,
+        rich: RichAnswer,
+        record: InFlight,
+    ) -> Transcript:
         conversation_id = self.store.get_conversation(turn.session_key)
         try:
-            return await self._stream(message, question, conversation_id, streamer, turn, rich)
+            return await self._stream(message, question, conversation_id, streamer, turn, rich, record)
         except ConversationNotFound:
             if conversation_id is None:
                 raise
             # expired or deleted on the Dify side: start afresh, once
             log.info("message %s: conversation expired on the Dify side; starting a new one", message.msg_id)
             self.store.forget_conversation(turn.session_key)
-            return await self._stream(message, question, None, streamer, turn, rich)
+            return await self._stream(message, question, None, streamer, turn, rich, record)
 
     async def _stream(
         self,
@@ -321,11 +544,8 @@ class BridgeService:
         streamer: CardStreamer,
         turn: AnswerTurn,
         rich: RichAnswer,
-    ) -> str:
-        answer = ""
-        key = turn.session_key
-        remembered = conversation_id
-        ttl = self.bot.conversation_ttl
+        record: InFlight,
+    ) -> Transcript:
         stream = turn.app.answers.stream_answer(
             query=question.query,
             user=turn.user,
@@ -333,27 +553,47 @@ class BridgeService:
             inputs={**await turn.app.inputs_for(message), **question.inputs},
             files=question.files or None,
         )
+
+        def remember_run(run_id: str, task_id: str) -> None:
+            # a successor of this process follows the run instead of asking again (Dify ≥ 1.14)
+            self.store.begin_answer(dataclasses.replace(record, workflow_run_id=run_id, task_id=task_id))
+
+        return await self._follow(stream, conversation_id, streamer, turn, rich, on_run=remember_run)
+
+    async def _follow(
+        self,
+        stream: AsyncIterator[DifyEvent],
+        conversation_id: str | None,
+        streamer: CardStreamer,
+        turn: AnswerTurn,
+        rich: RichAnswer,
+        *,
+        quiet: bool = False,
+        on_run: Callable[[str, str], None] | None = None,
+    ) -> Transcript:
+        """Read a run's events into the card: the text as it grows (unless `quiet`), its files, and how it
+        ended. `on_run` learns the run's id and task id once the stream names them."""
+        transcript = Transcript()
+        key = turn.session_key
+        remembered = conversation_id
+        ttl = self.bot.conversation_ttl
+        run_named = False
         # the turn records the task id (/stop), shows progress until the text starts, and ends early when stopped
         async for event in turn.events(stream):
             if event.conversation_id and event.conversation_id != remembered and not turn.detached:
                 # remember at once: even if this answer fails later, the next message continues the conversation
                 self.store.set_conversation(key, event.conversation_id, ttl)
                 remembered = event.conversation_id
-            if isinstance(event, MessageFile | WorkflowFinished):
+            if on_run is not None and not run_named and event.workflow_run_id and event.task_id:
+                run_named = True
+                on_run(event.workflow_run_id, event.task_id)
+            if isinstance(event, MessageFile | MessageEnd | WorkflowFinished):
                 rich.see(event)  # images and files beside the text
-            if isinstance(event, TextDelta):
-                answer += event.text
-                streamer.set_text(answer)
-            elif isinstance(event, TextReplace):
-                answer = event.text
-                streamer.set_text(answer)
-            elif isinstance(event, WorkflowFinished) and not answer:
-                answer = text_from_outputs(event.outputs)
-            elif isinstance(event, MessageEnd):
-                break
+            if transcript.feed(event) and not quiet:
+                streamer.set_text(transcript.raw)
         if remembered and not turn.detached:
             self.store.set_conversation(key, remembered, ttl)  # sliding expiry: every turn restarts the clock
-        return answer
+        return transcript
 
 
 def _with_notes(answer: str, notes: list[str]) -> str:

@@ -25,6 +25,7 @@ VOICE_NOT_RECOGNISED = "I could not make out your voice message. Please try agai
 FILES_UNSUPPORTED = "Files and pictures cannot be passed on here, so {label} was not sent."
 DOWNLOAD_FAILED = "I could not fetch {label} from DingTalk. Please send it again."
 UPLOAD_REFUSED = "The AI app did not accept {label} ({reason})."
+NO_FILE = "Please send a picture or a file."
 
 
 @dataclass
@@ -94,6 +95,32 @@ class IncomingFiles:
         question.query = query
         log.info("message %s: %d file(s) passed to Dify, %d not", message.msg_id, len(sent), len(question.notes))
         return question
+
+    async def upload_for_form(
+        self,
+        message: IncomingMessage,
+        *,
+        user: str,
+        app: DifyApp,
+        limit: int,
+    ) -> list[dict[str, str]] | str:
+        """The message's files (at most `limit`) uploaded for a human-input form's file field: their Dify file
+        values, or why they could not be (a sentence for the person)."""
+        dify = app.client
+        attachments = att.attachments_of(message)[: max(limit, 1)]
+        if not attachments:
+            return NO_FILE
+        if self.dingtalk is None or not isinstance(dify, DifyFiles):
+            return FILES_UNSUPPORTED.format(label=attachments[0].label)
+        rules = att.UploadRules()  # the form field decides what it takes; sizes are Dify's defaults
+        placements = [att.Placement(a, dify_type=a.dify_type) for a in attachments]
+        results = await asyncio.gather(
+            *(self._send(message, dify, p, rules, user, index) for index, p in enumerate(placements))
+        )
+        failed = next((r for r in results if isinstance(r, str)), None)
+        if failed is not None:
+            return failed
+        return [r for r in results if isinstance(r, dict)]
 
     async def _send(
         self, message: IncomingMessage, dify: DifyFiles, placement: att.Placement, rules: att.UploadRules,

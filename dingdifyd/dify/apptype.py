@@ -16,8 +16,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dingdifyd.dify.client import APP_TYPE_BY_MODE, AUTO, CHAT_APP_TYPES, DifyClient
-from dingdifyd.errors import ConfigError, DifyAuthError, DifyError
+from dingdifyd.dify.client import APP_TYPE_BY_MODE, AUTO, CHAT_APP_TYPES, UNSUPPORTED_MODES, DifyClient
+from dingdifyd.errors import ConfigError, DifyAuthError, DifyError, UnsupportedAppMode
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,12 @@ class AppTypeReport:
 
 
 async def inspect_app(client: DifyClient, configured: str) -> AppTypeReport:
-    """What kind of app the client's key belongs to. Raises DifyAuthError for a refused key, DifyError when
-    Dify cannot be asked."""
+    """What kind of app the client's key belongs to. Raises DifyAuthError for a refused key, UnsupportedAppMode
+    for an app no chat can use (1.x `channel`, `rag-pipeline`), DifyError when Dify cannot be asked."""
     info = await client.info()
     mode = info.get("mode") if isinstance(info.get("mode"), str) else None
+    if mode in UNSUPPORTED_MODES:
+        raise UnsupportedAppMode(mode)
     name = str(info.get("name") or "")
     actual = APP_TYPE_BY_MODE.get(mode or "")
     if actual is None and configured == AUTO:
@@ -81,6 +83,13 @@ def mismatch_problem(where: str, report: AppTypeReport) -> str:
     return (
         f"{where}.dify_app_type: {report.configured!r}, but its key belongs to a {report.describe()}; "
         f"set dify_app_type: {right} (or auto)"
+    )
+
+
+def unsupported_mode_problem(where: str, exc: UnsupportedAppMode) -> str:
+    return (
+        f"{where}.dify_app_api_key: the key belongs to a Dify {exc.mode} app, which cannot answer chat messages; "
+        "use the key of a chatbot, agent, chatflow, workflow or completion app"
     )
 
 
@@ -106,6 +115,9 @@ async def check_at_start(apps: Sequence[tuple[str, DifyClient]], timeout: float 
         except DifyAuthError as exc:
             problems.append(refused_key_problem(where, exc))
             continue
+        except UnsupportedAppMode as exc:
+            problems.append(unsupported_mode_problem(where, exc))
+            continue
         except (DifyError, TimeoutError) as exc:
             reason = "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
             log.warning("%s: the Dify app could not be checked at start (%s); going on", where, reason)
@@ -114,6 +126,6 @@ async def check_at_start(apps: Sequence[tuple[str, DifyClient]], timeout: float 
             problems.append(mismatch_problem(where, report))
         elif configured == AUTO and report.actual is not None:
             client.app_type = report.actual
-            log.info("%s: Dify app type %s (auto)", where, report.actual)
+            log.info("%s: Dify app type %s (auto, %s)", where, report.actual, report.describe())
     if problems:
         raise ConfigError(problems)

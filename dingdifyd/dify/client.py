@@ -6,6 +6,9 @@ this module sees aiohttp. Three timeouts, each for one way a peer can hang: the 
 the response headers (Dify sends them once the app has started), and the gap between two reads of the
 stream (Dify pings every 10 s, so a silent minute means a dead stream). The stream ends at the terminal
 event, not at EOF: Dify keeps the socket open after `message_end` while it generates a conversation title.
+
+Dify 1.x adds what a paused or cut run needs: the run's event stream (`GET /workflow/:run_id/events`, ≥ 1.14;
+following it is dify/following.py's) and the human-input form routes (`GET`/`POST /form/human_input/:token`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +26,7 @@ from urllib.parse import quote
 import aiohttp
 
 from dingdifyd.config import Secret
-from dingdifyd.dify.events import DifyEvent, WorkflowFinished, parse_event
+from dingdifyd.dify.events import DifyEvent, MessageEnd, WorkflowFinished, WorkflowPaused, parse_event
 from dingdifyd.dify.sse import SSEMessage, iter_sse
 from dingdifyd.errors import (
     ConversationNotFound,
@@ -33,6 +37,7 @@ from dingdifyd.errors import (
     DifyTimeout,
     DifyTotalTimeout,
     DifyUnavailable,
+    UnsupportedAppMode,
 )
 
 log = logging.getLogger(__name__)
@@ -44,10 +49,15 @@ AUTO = "auto"  # ask the server on first use (`resolve_app_type`)
 APP_TYPE_BY_MODE = {
     "chat": "chatbot",
     "agent-chat": "agent",
+    "agent": "agent",  # 1.x's Dify Agent runtime: served on /chat-messages like an agent-chat app
     "advanced-chat": "chatflow",
     "completion": "completion",
     "workflow": "workflow",
 }
+# 1.x modes no chat can use: a channel app is driven by its channels, a RAG pipeline only builds a knowledge base
+UNSUPPORTED_MODES = ("channel", "rag-pipeline")
+FINISHED_STATUSES = ("succeeded", "partial-succeeded")
+RUN_EVENTS_SINCE = (1, 14)  # the Dify version that serves GET /workflow/:run_id/events
 _RATE_LIMIT_CODES = ("too_many_requests", "rate_limit_error")
 _ROUTE_MISMATCH_CODES = ("not_chat_app", "not_completion_app", "not_workflow_app", "app_unavailable")
 
@@ -90,6 +100,32 @@ def error_from_response(status: int, body: bytes, content_type: str) -> DifyErro
     return classify_error(status, None, f"Dify answered HTTP {status} with a non-JSON body ({kind})")
 
 
+def ends_answer_stream(event: DifyEvent, app_type: str) -> bool:
+    """Whether `event` is the last of an answer's stream: `message_end`, a workflow app's `workflow_finished`,
+    a chatflow's unsuccessful `workflow_finished` (1.x sends no `message_end` after a stop), or a pause."""
+    if isinstance(event, MessageEnd | WorkflowPaused):
+        return True
+    if isinstance(event, WorkflowFinished):
+        return app_type == "workflow" or event.status not in FINISHED_STATUSES
+    return False
+
+
+def ends_run_stream(event: DifyEvent) -> bool:
+    """The events route closes after the run finishes or pauses; a chatflow's `message_end` comes before."""
+    return isinstance(event, WorkflowFinished | WorkflowPaused)
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """`1.16.1` -> (1, 16, 1); None when there is no version to read."""
+    parts = []
+    for piece in (text or "").strip().split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts) or None
+
+
 def _int_or_none(value: Any) -> int | None:
     try:
         return int(value)
@@ -116,8 +152,16 @@ class DifyClient:
         self.app_type = app_type
         self.input_variable = input_variable or "query"  # the bridge may set the app's own (GET /parameters)
         self.timeouts = timeouts
+        self.server_version: str | None = None  # X-Version of Dify's last answer (1.x and 0.15 both send it)
         self._api_key = api_key
         self._session = session
+
+    @property
+    def serves_run_events(self) -> bool:
+        """False only when Dify said it is older than the events route; unknown versions are asked (a 404 then
+        tells, see dify/guarded.py)."""
+        version = parse_version(self.server_version)
+        return version is None or version[:2] >= RUN_EVENTS_SINCE
 
     def __repr__(self) -> str:
         return f"DifyClient({self.base_url!r}, app_type={self.app_type!r})"
@@ -143,32 +187,101 @@ class DifyClient:
         path, body = self.request_for(
             query=query, user=user, conversation_id=conversation_id, inputs=inputs, files=files
         )
-        terminal = "workflow_finished" if self.app_type == "workflow" else "message_end"
+        app_type = self.app_type
         log.debug("POST %s (user %s, conversation %s)", path, user, conversation_id or "new")
         deadline = asyncio.get_running_loop().time() + self.timeouts.total
         async with self._request("POST", path, json_body=body, deadline=deadline) as response:
-            content_type = response.headers.get("Content-Type", "")
-            if not content_type.startswith("text/event-stream"):
-                raise DifyError(
-                    f"Dify answered {path} with {content_type or 'no content type'}, not an event stream",
-                    status=response.status,
-                )
-            async with (
-                contextlib.aclosing(self._chunks(response, deadline)) as chunks,
-                contextlib.aclosing(iter_sse(chunks)) as messages,
-            ):
-                async for message in messages:
-                    event = self._decode(message)
-                    if event is None:
-                        continue
-                    if event.event == terminal:
-                        # do not wait for EOF: Dify may hold the socket open long after the terminal event
-                        response.close()
-                        log.debug("stream of task %s complete", event.task_id)
-                        yield event
-                        return
+            async for event in self._events(path, response, deadline, lambda e: ends_answer_stream(e, app_type)):
+                yield event
+
+    async def run_events(
+        self,
+        run_id: str,
+        user: str,
+        *,
+        snapshot: bool = False,
+        deadline: float | None = None,
+        subscribed: asyncio.Event | None = None,
+    ) -> AsyncIterator[DifyEvent]:
+        """`GET /workflow/:run_id/events` (Dify ≥ 1.14, workflow and chatflow apps): the run's events from now
+        on, up to and including `workflow_finished` or `workflow_paused`; with `snapshot`, the run so far first
+        (replayed from Dify's records). A finished run gives its `workflow_finished` alone. Events are published,
+        not buffered: what happened before the request is only in the snapshot.
+
+        Raises DifyError like stream_answer; 404 for a run of another user or app, and on servers without the
+        route (0.x). `subscribed` is set once Dify listens (its response headers are in)."""
+        path = f"/workflow/{quote(run_id, safe='')}/events?user={quote(user, safe='')}"
+        if snapshot:
+            path += "&include_state_snapshot=true"
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.timeouts.total
+        on_headers = subscribed.set if subscribed is not None else None
+        async with self._request("GET", path, deadline=deadline, on_headers=on_headers) as response:
+            async for event in self._events(path.split("?")[0], response, deadline, ends_run_stream):
+                yield event
+
+    @contextlib.asynccontextmanager
+    async def subscribed_run_events(
+        self, run_id: str, user: str, *, deadline: float | None = None
+    ) -> AsyncIterator[AsyncIterator[DifyEvent]]:
+        """The run's events, subscribed before the body returns: Dify sends the response headers (and a ping)
+        once it listens, so whatever is done inside (submitting a form) cannot resume the run unseen."""
+        subscribed = asyncio.Event()
+        events = self.run_events(run_id, user, deadline=deadline, subscribed=subscribed)
+        first: asyncio.Task[DifyEvent] | None = None
+        try:
+            # the request is made as soon as the generator runs; its headers arrive once Dify subscribed
+            first = asyncio.ensure_future(anext(events))
+            await _wait_subscribed(first, subscribed)
+            yield _prepended(first, events)
+        finally:
+            if first is not None and not first.done():
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await first
+            await events.aclose()
+
+    async def _events(
+        self,
+        path: str,
+        response: aiohttp.ClientResponse,
+        deadline: float,
+        is_terminal: Callable[[DifyEvent], bool],
+    ) -> AsyncIterator[DifyEvent]:
+        """The typed events of an SSE response up to the terminal one; DifyStreamCut when it ends before."""
+        content_type = response.headers.get("Content-Type", "")
+        if not content_type.startswith("text/event-stream"):
+            raise DifyError(
+                f"Dify answered {path} with {content_type or 'no content type'}, not an event stream",
+                status=response.status,
+            )
+        async with (
+            contextlib.aclosing(self._chunks(response, deadline)) as chunks,
+            contextlib.aclosing(iter_sse(chunks)) as messages,
+        ):
+            async for message in messages:
+                event = self._decode(message)
+                if event is None:
+                    continue
+                if is_terminal(event):
+                    # do not wait for EOF: Dify may hold the socket open long after the terminal event
+                    response.close()
+                    log.debug("stream %s of task %s complete (%s)", path, event.task_id, event.event)
                     yield event
-        raise DifyStreamCut(f"the Dify stream of {path} ended without {terminal}")
+                    return
+                yield event
+        raise DifyStreamCut(f"the Dify stream of {path} ended before the run ended")
+
+    async def form(self, token: str) -> dict[str, Any]:
+        """`GET /form/human_input/:token`: the form with its inputs resolved. 404 unknown (or another app's),
+        412 `human_input_form_submitted` / `human_input_form_expired`."""
+        return await self._json_call("GET", f"/form/human_input/{quote(token, safe='')}")
+
+    async def submit_form(self, token: str, *, action: str, inputs: dict[str, Any], user: str) -> None:
+        """`POST /form/human_input/:token`: answer the form with one of its actions; the run then resumes.
+        400 `invalid_form_data` (unknown action, missing input), 404, 412 as for `form`."""
+        body = {"inputs": inputs, "action": action, "user": user}
+        await self._json_call("POST", f"/form/human_input/{quote(token, safe='')}", json_body=body)
 
     async def stop(self, task_id: str, user: str) -> None:
         """Ask Dify to stop a running generation; its stream then ends early with its terminal event."""
@@ -192,6 +305,8 @@ class DifyClient:
         of another kind of app is refused by the route check first (`not_chat_app`, `app_unavailable`).
         The three chat kinds are the same to this client, so an old server's chat app is a "chatbot"."""
         mode = (await self.info()).get("mode")
+        if mode in UNSUPPORTED_MODES:
+            raise UnsupportedAppMode(str(mode))
         if mode in APP_TYPE_BY_MODE:
             app_type = APP_TYPE_BY_MODE[mode]
         elif await self._route_accepts("/chat-messages"):
@@ -312,6 +427,7 @@ class DifyClient:
         json_body: dict[str, Any] | None = None,
         form: aiohttp.FormData | None = None,
         deadline: float | None = None,
+        on_headers: Callable[[], None] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request; give its response once the headers are in and the status is 2xx; close it after."""
         headers = {"Authorization": f"Bearer {self._api_key.reveal()}"}
@@ -337,6 +453,7 @@ class DifyClient:
                 raise_for_status=False,
                 allow_redirects=False,
             )
+        self.server_version = response.headers.get("X-Version") or self.server_version
         try:
             if not 200 <= response.status < 300:
                 async with self._io(f"{method} {path}", self.timeouts.first_byte, waiting_for="the error body"):
@@ -344,6 +461,8 @@ class DifyClient:
                 error = error_from_response(response.status, body, response.headers.get("Content-Type", ""))
                 log.debug("%s %s: HTTP %d %s", method, path, response.status, error.code)
                 raise error
+            if on_headers is not None:
+                on_headers()
             yield response
         finally:
             response.close()
@@ -427,3 +546,25 @@ class DifyClient:
         if isinstance(event, WorkflowFinished) and event.status == "failed":
             raise DifyError(event.error or "the workflow run failed", code="workflow_failed")
         return event
+
+
+async def _wait_subscribed(first: asyncio.Future[DifyEvent], subscribed: asyncio.Event) -> None:
+    """Until the events request's headers are in; its error (404, 400, refused...) when it fails before."""
+    waiter = asyncio.ensure_future(subscribed.wait())
+    try:
+        await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if first.done() and not subscribed.is_set():
+        first.result()  # raises the request's error
+        raise DifyStreamCut("the Dify event stream ended before it began")
+
+
+async def _prepended(first: asyncio.Future[DifyEvent], rest: AsyncIterator[DifyEvent]) -> AsyncIterator[DifyEvent]:
+    """`first`'s event, then the rest of the stream (the stream ending right away is `first` raising)."""
+    try:
+        yield await first
+    except StopAsyncIteration:
+        return
+    async for event in rest:
+        yield event

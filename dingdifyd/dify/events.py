@@ -1,13 +1,23 @@
 """Typed Dify stream events, and the pure function that turns one decoded SSE `data:` JSON object into one.
 
-Only what the bridge acts on gets its own type; every other event (node_finished, tts_*, iteration_*, ...)
-becomes `OtherEvent` and is harmless. `error` events are not returned: the client raises them as DifyError.
+Only what the bridge acts on gets its own type; every other event (node_finished, tts_*, workflow_started,
+events of versions to come, ...) becomes `OtherEvent` and is harmless. `error` events are not returned: the
+client raises them as DifyError. Dify 1.x added `reasoning_chunk`, `text_replace`, `node_retry`, `iteration_*`,
+`loop_*`, `agent_log`, `human_input_required` and `workflow_paused` (task_entities.py's StreamEvent).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from dingdifyd.dify.forms import HumanInputForm, forms_of_pause, parse_form
+
+# Events that show what a workflow is doing (progress lines); everything else of the kind is ignored.
+STEP_EVENTS = (
+    "node_retry", "iteration_started", "iteration_next", "loop_started", "loop_next", "agent_log",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,9 +40,22 @@ class TextDelta(DifyEvent):
 
 @dataclass(frozen=True)
 class TextReplace(DifyEvent):
-    """`message_replace` / `text_replace` (moderation): the whole answer so far becomes `text`."""
+    """`message_replace` / `text_replace` (output moderation): the whole answer becomes `text`.
+
+    `moderated`: Dify replaced the answer and streams no more of the original, so later text of this run is
+    not the answer's (it is dropped). False when dingdifyd itself restores the answer so far (a followed run)."""
 
     text: str = ""
+    moderated: bool = True
+
+
+@dataclass(frozen=True)
+class ReasoningDelta(DifyEvent):
+    """`reasoning_chunk` (1.x LLM nodes with `reasoning_format: separated`): the model's thinking, apart from the
+    answer; `is_final` closes it."""
+
+    text: str = ""
+    is_final: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,16 @@ class NodeStarted(DifyEvent):
 
 
 @dataclass(frozen=True)
+class StepEvent(DifyEvent):
+    """A step inside a running node: a retry (`node_retry`), an iteration or loop round, an agent's log line."""
+
+    kind: str = ""  # the event name
+    title: str = ""  # the node's title, or the agent log's label
+    index: int = 0  # retry number, iteration or loop round (from 0 as Dify counts)
+    status: str = ""  # agent_log: start | success | error
+
+
+@dataclass(frozen=True)
 class MessageFile(DifyEvent):
     url: str = ""  # often relative and signed: /files/tools/<uuid>.png?timestamp=...
     file_type: str = ""
@@ -61,15 +94,32 @@ class MessageEnd(DifyEvent):
     """Terminal for chatbot, agent, chatflow and completion apps."""
 
     metadata: dict[str, Any] = field(default_factory=dict)
+    files: tuple[Mapping[str, Any], ...] = field(default=(), compare=False)  # 1.x: the answer's files
 
 
 @dataclass(frozen=True)
 class WorkflowFinished(DifyEvent):
-    """Terminal for workflow apps; in chatflow apps `message_end` follows it."""
+    """Terminal for workflow apps. In chatflows 0.15 sends `message_end` after it, 1.x before it (and not at all
+    when the run was stopped or failed)."""
 
     status: str = ""  # succeeded | failed | stopped | partial-succeeded
     outputs: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    files: tuple[Mapping[str, Any], ...] = field(default=(), compare=False)  # 1.x: files among the outputs
+
+
+@dataclass(frozen=True)
+class HumanInputRequired(DifyEvent):
+    """A Human Input node waits for a person; `workflow_paused` follows and the stream closes."""
+
+    form: HumanInputForm | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class WorkflowPaused(DifyEvent):
+    """The run paused (terminal for this stream): the forms it waits on."""
+
+    forms: tuple[HumanInputForm, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -99,9 +149,13 @@ def parse_event(obj: dict[str, Any]) -> DifyEvent:
     if name == "text_chunk":
         return TextDelta(**ids, text=str(data.get("text") or ""))
     if name == "message_replace":
-        return TextReplace(**ids, text=str(obj.get("answer") or ""))
+        # a replay of the answer saved so far (the events route's snapshot) says no reason; moderation does
+        replayed = obj.get("reason") == ""
+        return TextReplace(**ids, text=str(obj.get("answer") or ""), moderated=not replayed)
     if name == "text_replace":
         return TextReplace(**ids, text=str(data.get("text") or ""))
+    if name == "reasoning_chunk":
+        return ReasoningDelta(**ids, text=str(data.get("reasoning") or ""), is_final=data.get("is_final") is True)
     if name == "agent_thought":
         ids["message_id"] = str(obj.get("message_id") or "")
         try:
@@ -117,6 +171,16 @@ def parse_event(obj: dict[str, Any]) -> DifyEvent:
         )
     if name == "node_started":
         return NodeStarted(**ids, title=str(data.get("title") or ""), node_type=str(data.get("node_type") or ""))
+    if name in STEP_EVENTS:
+        title = data.get("label") if name == "agent_log" else data.get("title")
+        index = data.get("retry_index") if name == "node_retry" else data.get("index")
+        return StepEvent(
+            **ids, kind=name, title=str(title or ""), index=_int(index), status=str(data.get("status") or "")
+        )
+    if name == "human_input_required":
+        return HumanInputRequired(**ids, form=parse_form(data))
+    if name == "workflow_paused":
+        return WorkflowPaused(**ids, forms=forms_of_pause(data))
     if name == "message_file":
         ids["message_id"] = str(obj.get("message_id") or "")
         return MessageFile(
@@ -127,13 +191,25 @@ def parse_event(obj: dict[str, Any]) -> DifyEvent:
         )
     if name == "message_end":
         metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-        return MessageEnd(**ids, metadata=metadata)
+        return MessageEnd(**ids, metadata=metadata, files=_files(obj.get("files")))
     if name == "workflow_finished":
         outputs = data.get("outputs") if isinstance(data.get("outputs"), dict) else {}
         return WorkflowFinished(
-            **ids, status=str(data.get("status") or ""), outputs=outputs, error=str(data.get("error") or "")
-        )
+            **ids, status=str(data.get("status") or ""), outputs=outputs, error=str(data.get("error") or ""),
+            files=_files(data.get("files")),
+        )  # fmt: skip
     return OtherEvent(**ids, data=obj)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _files(value: Any) -> tuple[Mapping[str, Any], ...]:
+    return tuple(item for item in value if isinstance(item, Mapping)) if isinstance(value, list) else ()
 
 
 def text_from_outputs(outputs: dict[str, Any]) -> str:

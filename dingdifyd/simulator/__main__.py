@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dingdifyd.simulator.control import PREFIX, control_routes
+from dingdifyd.simulator.dify_dialect import DIFY_0_15, VERSIONS
 from dingdifyd.simulator.fake_dify import MODES, FakeDify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
 
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         help="do not register the default apps (app-fake-chatbot, app-fake-agent, ...)",
     )  # fmt: skip
     parser.add_argument("--token-delay", type=float, default=0.02, help="seconds between two answer words")
+    parser.add_argument(
+        "--dify-version", choices=VERSIONS, default=DIFY_0_15, help="the Dify version the fake Dify speaks",
+    )  # fmt: skip
     parser.add_argument("--mention-turn", action="store_true", help="echo answers say which turn they are")
     parser.add_argument(
         "--redeliver-after", type=float, default=60.0,
@@ -90,7 +94,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     apps = [_split_app(text) for text in (args.app or [DEFAULT_APP])]
     dify_apps = [_split_dify_app(text) for text in args.dify_app]
 
-    dify = FakeDify()
+    dify = FakeDify(version=args.dify_version)
     if not args.no_default_dify_apps:
         dify.add_default_apps()
     for key, mode in dify_apps:

@@ -1,11 +1,15 @@
-"""A fake Dify 0.15.3 Service API on loopback, shaped like the recorded transcripts.
+"""A fake Dify Service API on loopback, speaking 0.15.3 or 1.16.1 per app, shaped like the recorded transcripts.
 
-Its answers are byte-shaped like those of a real Dify 0.15.3 whose LLM is the capture's fake model:
-`json.dumps` with default separators and ASCII escaping, the same keys in the same order, one
-`data: <json>\\n\\n` chunk per event, `event: ping\\n\\n` keep-alives, flask-restful error bodies with their
-trailing newline. The fake model answers `Echo: <query> | This is a fake streamed answer from the local fake
-OpenAI server.` word by word; a query with `slow` in it gets forty slow words, one with `fail500` fails
-upstream (an `error` event, or a failed workflow run).
+Its answers are byte-shaped like those of a real Dify whose LLM is the capture's fake model (tests/fixtures/dify
+for 0.15.3, tests/fixtures/dify-1.16.1 for 1.16.1; dify_dialect.py holds how the two write their bytes): the
+same keys in the same order, one `data: <json>\\n\\n` chunk per event, `event: ping\\n\\n` keep-alives, the
+error bodies of each version. The fake model answers `Echo: <query> | <tail>` word by word; a query with `slow`
+in it gets forty slow words, one with `fail500` fails upstream (an `error` event, or a failed workflow run).
+
+What 1.16.1 adds is served for 1.16.1 apps only: chatflow order (`message_end` before `workflow_finished`),
+stops and failures without `message_end`, input validation inside the stream, `reasoning_chunk`, human-input
+pauses and their form routes (fake_hitl.py), the run events route (`GET /workflow/:run_id/events`, with its
+state snapshot) and runs that go on after their client is gone, so that it can be followed there.
 
 `FakeDify` is both the server and the controller that tests use: it registers apps by API key, changes how
 they answer (pacing, scripted text, failures, stalls, cuts, moderation, tool files, concurrency limit), for
@@ -32,18 +36,41 @@ from typing import Any, ClassVar
 
 from aiohttp import BodyPartReader, web
 
+from dingdifyd.simulator.dify_dialect import (
+    ANSWER_TAILS,
+    DIFY_0_15,
+    DIFY_1_16,
+    Dialect,
+    ValidationFailure,
+    check_version,
+)
+from dingdifyd.simulator.fake_hitl import FakeForm, HumanInputNode
+
 log = logging.getLogger(__name__)
 
-DIFY_VERSION = "0.15.3"
+DIALECT_KEY = web.RequestKey("dialect", Dialect)  # the version the answer to a request speaks (its app's)
+PAYLOAD_MODEL_KEY = web.RequestKey("payload_model", str)  # 1.x: the pydantic model a validation error names
+
+DIFY_VERSION = DIFY_0_15  # the default; FakeDify(version=DIFY_1_16) or add_app(..., version=...) for 1.x
 MODES = ("chat", "agent-chat", "advanced-chat", "workflow", "completion")
-CHAT_MODES = ("chat", "agent-chat", "advanced-chat")
+MODES_1X = (*MODES, "agent")  # 1.x's Dify Agent runtime answers on /chat-messages like an agent-chat app
+CHAT_MODES = ("chat", "agent-chat", "advanced-chat", "agent")
+WORKFLOW_MODES = ("advanced-chat", "workflow")  # modes with workflow runs (and, in 1.x, the run events route)
+ONLY_INFO_MODES = ("channel", "rag-pipeline")  # 1.x modes the fake only names (/info, /parameters)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
-ANSWER_TAIL = "This is a fake streamed answer from the local fake OpenAI server."
-UPSTREAM_FAILURE = (
-    "[openai_api_compatible] Error: API request failed with status code 500: "
-    '{"error": {"message": "fake upstream failure", "type": "server_error"}}'
-)
+ANSWER_TAIL = ANSWER_TAILS[DIFY_0_15]
+UPSTREAM_FAILURES = {
+    DIFY_0_15: (
+        "[openai_api_compatible] Error: API request failed with status code 500: "
+        '{"error": {"message": "fake upstream failure", "type": "server_error"}}'
+    ),
+    DIFY_1_16: "fake upstream failure (fail500)",
+}
+UPSTREAM_FAILURE = UPSTREAM_FAILURES[DIFY_0_15]
+REASONING = "The user wants an echo; these are reasoning words."
+STOPPED_BY_USER = {DIFY_0_15: "Stopped by user.", DIFY_1_16: "Aborted: User requested stop"}
+MODERATED_ANSWER = "Sorry, I cannot talk about that."  # the preset answer of `replace_after` without `replace_with`
 INTERNAL_SERVER_ERROR = (
     "The server encountered an internal error and was unable to complete your request. "
     "Either the server is overloaded or there is an error in the application."
@@ -101,6 +128,15 @@ class Behaviour:
     max_active_streams: int | None = None  # 429 too_many_requests when this many streams are already running
     hold_open_after_end: float = 0.0  # keep the socket open this long after the terminal event (title generation)
     first_token_delay: float = 0.0  # the model's latency: silence before the first text event (after tools, nodes)
+    think: bool = False  # the model reasons first: 1.x workflow-based apps stream it as reasoning_chunk, else <think>
+    replace_after: int | None = None  # output moderation after N tokens: the replacement, then no more original text
+    answer_file: bool = False  # the answer shows a file: a markdown image in the text, and 1.x's `files` of the end
+    steps: tuple[str, ...] = ()  # events before the answer: node_retry, iteration, loop, agent_log, or any name
+    stopped_after: int | None = None  # after N tokens someone else (the Dify console) stops the run
+    # 1.x only ------------------------------------------------------------------------------------------------
+    resume_bug: bool = True  # 1.16.1: a resumed workflow app ends `stopped`, outputs {} (its run record has them)
+    events_route_status: int | None = None  # the run events route answers this error status (a proxy, an old Dify)
+    hold_for_subscriber: float = 5.0  # a run whose client is gone waits this long for its events route, then goes on
 
 
 @dataclass
@@ -116,6 +152,12 @@ class FakeApp:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     workflow_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     runs_started: int = 0  # workflow `sequence_number`
+    version: str = DIFY_VERSION
+    human_input: HumanInputNode | None = None  # 1.x: Start → this node → Answer / End (the capture's hitl apps)
+
+    @property
+    def dialect(self) -> Dialect:
+        return Dialect(self.version)
 
 
 @dataclass(frozen=True)
@@ -163,7 +205,7 @@ class WorkflowRun:
     app: str
     workflow_id: str
     inputs: dict[str, Any]
-    status: str = "running"
+    status: str = "running"  # running | paused | succeeded | failed | stopped
     outputs: dict[str, Any] | None = None
     error: str | None = None
     total_steps: int = 0
@@ -171,6 +213,9 @@ class WorkflowRun:
     created_at: int = field(default_factory=lambda: int(time.time()))
     finished_at: int | None = None
     elapsed_time: float = 0.0
+    user: str = ""  # the end user who started it: the only one its events route answers
+    mode: str = "workflow"
+    forms: list[FakeForm] = field(default_factory=list)  # the forms it paused on
 
 
 class DifyHTTPError(Exception):
@@ -233,6 +278,14 @@ class _Run:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sent: str = ""  # the text streamed so far
     tokens_sent: int = 0
+    stopped_elsewhere: bool = False  # stopped by someone else than the client (the Dify console, another host)
+    node_log: list[dict[str, Any]] = field(default_factory=list)  # node events so far (the events route's snapshot)
+    form: FakeForm | None = None  # the form it paused on
+    resumed: bool = False
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.app.dialect
 
     @property
     def conversation_id(self) -> str:
@@ -260,19 +313,54 @@ class _Run:
 
 
 class _EventWriter:
-    """Writes SSE chunks; a lock keeps the ping task and the answer from interleaving inside a chunk."""
+    """Writes a run's SSE chunks: to the client that started it, as long as it is there, and to the run's event
+    subscribers (1.x's events route). A lock keeps the ping task and the answer from interleaving in a chunk."""
 
-    def __init__(self, response: web.StreamResponse):
+    def __init__(
+        self,
+        response: web.StreamResponse | None,
+        dialect: Dialect,
+        publish: Callable[[dict[str, Any]], None] = lambda obj: None,
+    ):
         self._response = response
+        self._dialect = dialect
+        self._publish = publish
         self._lock = asyncio.Lock()
         self._ping_task: asyncio.Task[None] | None = None
+        self.lost: str | None = None  # how the client was lost (a cut, a stall, a clean end, it left), 1.x only
+
+    @property
+    def attached(self) -> bool:
+        return self._response is not None and self.lost is None
 
     async def send(self, obj: dict[str, Any]) -> None:
-        await self._write(f"data: {json.dumps(obj)}\n\n".encode())
+        self._publish(obj)
+        if self.attached:
+            try:
+                await self._write(self._dialect.chunk(obj))
+            except ConnectionError:
+                if not self._dialect.is_1x:
+                    raise  # 0.15: a run ends with its client
+                self.lost = "gone"  # 1.x: the run goes on; its events route still has it
 
     async def _write(self, data: bytes) -> None:
+        assert self._response is not None
         async with self._lock:
             await self._response.write(data)
+
+    def detach(self, how: str) -> None:
+        self.lost = how
+
+    async def end_client(self) -> None:
+        """End the client's body cleanly (a polite proxy giving up), before detaching it."""
+        if self.attached:
+            assert self._response is not None
+            async with self._lock:
+                await self._response.write_eof()
+
+    @property
+    def transport(self) -> Any:
+        return getattr(self._response, "_req", None) and self._response._req.transport  # type: ignore[union-attr]
 
     def start_pings(self, interval: float) -> None:
         self._ping_task = asyncio.create_task(self._ping_loop(interval))
@@ -286,9 +374,18 @@ class _EventWriter:
 
     async def _ping_loop(self, interval: float) -> None:
         with contextlib.suppress(ConnectionError):
-            while True:
+            while self.attached:
                 await asyncio.sleep(interval)
-                await self._write(b"event: ping\n\n")
+                if self.attached:
+                    await self._write(b"event: ping\n\n")
+
+
+@dataclass
+class _Subscription:
+    """A client of the run events route: what it is sent, and when its stream ends."""
+
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    continue_on_pause: bool = False
 
 
 class _Outcome:
@@ -298,6 +395,8 @@ class _Outcome:
     STALL = "stall"
     CUT = "cut"
     END = "end"
+    PAUSED = "paused"  # 1.x: a human input node waits; the stream closes after workflow_paused
+    INVALID = "invalid"  # 1.x: the inputs failed validation inside the stream
 
 
 class FakeDify:
@@ -306,14 +405,19 @@ class FakeDify:
     def __init__(
         self,
         *,
+        version: str = DIFY_VERSION,
         ping_interval: float = 10.0,
         info_with_mode: bool = False,
         conversation_error_suffix: bool = False,
     ):
+        self.version = check_version(version)  # of apps added without one, and of answers to unknown keys
         self.ping_interval = ping_interval
+        # a 0.15.3 fake with one 1.x trait each (1.16.1 apps have both anyway)
         self.info_with_mode = info_with_mode  # late 1.x /info carries the app mode; 0.15.3 does not
         self.conversation_error_suffix = conversation_error_suffix  # 1.x appends route hints to the 404
         self.apps: dict[str, FakeApp] = {}
+        self.forms: dict[str, FakeForm] = {}  # form token (or form id, without a token) -> form
+        self.form_submissions: list[dict[str, Any]] = []  # accepted POST /form/human_input/:token bodies
         self.requests: list[RecordedRequest] = []
         self.stops: list[StopRecord] = []
         self.uploads: dict[str, UploadedFile] = {}
@@ -324,6 +428,11 @@ class FakeDify:
         self.first_text_at: dict[str, float] = {}  # user -> when the first answer text of theirs was written
         self._next: dict[str, deque[dict[str, Any]]] = {}
         self._running: dict[str, _Run] = {}
+        self._paused: dict[str, _Run] = {}  # workflow run id -> its run, until a form answer resumes it
+        self._runs_by_id: dict[str, _Run] = {}  # workflow run id -> its run, while it runs or waits
+        self._joined: dict[str, asyncio.Event] = {}  # workflow run id -> set once its events route has a client
+        self._subscribers: dict[str, list[_Subscription]] = {}  # workflow run id -> its events route clients
+        self._background: set[asyncio.Task[Any]] = set()
         self._suggested: dict[str, tuple[list[str], float]] = {}  # api key -> (questions, delay)
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -341,10 +450,17 @@ class FakeDify:
         user_input_form: list[dict[str, Any]] | None = None,
         opening_statement: str = "",
         file_upload: bool = True,
+        version: str | None = None,
+        human_input: HumanInputNode | None = None,
         **behaviour: Any,
     ) -> FakeApp:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
+        """`mode` as Dify names it (`chat`, `advanced-chat`, ...; 1.x also `agent`, `channel`, `rag-pipeline`,
+        which only /info and /parameters serve). `human_input`: a 1.x chatflow or workflow that pauses there."""
+        version = check_version(version or self.version)
+        if mode not in MODES and not (version != DIFY_0_15 and mode in (*MODES_1X, *ONLY_INFO_MODES)):
+            raise ValueError(f"mode must be one of {MODES_1X if version != DIFY_0_15 else MODES}")
+        if human_input is not None and (version == DIFY_0_15 or mode not in WORKFLOW_MODES):
+            raise ValueError("human input nodes exist in 1.x chatflow and workflow apps only")
         if user_input_form is None:
             user_input_form = _TEXT_FORM if mode in ("workflow", "completion") else _CHAT_FORM
         app = FakeApp(
@@ -356,6 +472,8 @@ class FakeDify:
             opening_statement=opening_statement,
             file_upload=file_upload,
             behaviour=Behaviour(**behaviour),
+            version=version,
+            human_input=human_input,
         )
         self.apps[api_key] = app
         return app
@@ -383,8 +501,21 @@ class FakeDify:
         return [r for r in self.requests if r.path.endswith(path_suffix)]
 
     @property
+    def answer_tail(self) -> str:
+        """How the fake model ends an echo, in this fake's default version."""
+        return ANSWER_TAILS[self.version]
+
+    @property
     def running_task_ids(self) -> list[str]:
         return list(self._running)
+
+    def expire_form(self, token: str) -> None:
+        """Let a form's time run out (its node's timeout passed): answering or reading it is then 412 expired."""
+        self.forms[token].expires_at = time.time() - 1
+
+    def subscribers(self, run_id: str) -> int:
+        """How many clients listen on the run's events route right now."""
+        return len(self._subscribers.get(run_id, ()))
 
     # --- server lifecycle ---------------------------------------------------------------------------------
 
@@ -411,6 +542,10 @@ class FakeDify:
         self._closing.set()  # ends stalls and held-open sockets at once
         for run in self._running.values():
             run.stop.set()  # wakes streams between two tokens; they see the server closing and hang up
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(set(self._background))
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -443,6 +578,10 @@ class FakeDify:
             web.get("/files/tools/{name}", self._tool_file),
             web.get("/files/{file_id}/file-preview", self._file_preview),
             web.get("/v1/messages/{message_id}/suggested", self._suggested_questions),
+            web.delete("/v1/conversations/{conversation_id}", self._delete_conversation),
+            web.get("/v1/workflow/{run_id}/events", self._run_events),
+            web.get("/v1/form/human_input/{token}", self._form_get),
+            web.post("/v1/form/human_input/{token}", self._form_submit),
         ]
         app.add_routes(routes)
         return app
@@ -456,22 +595,27 @@ class FakeDify:
         try:
             return await handler(request)
         except DifyHTTPError as exc:
-            return _json_body(exc.payload, exc.status)
+            return self._dialect_of(request).restx_body(exc.payload, exc.status)
+        except ValidationFailure as exc:
+            dialect = self._dialect_of(request)
+            return dialect.restx_body(dialect.validation_payload(exc, request.get(PAYLOAD_MODEL_KEY, "")), 400)
         except web.HTTPNotFound:
             message = (
                 "The requested URL was not found on the server. If you entered the URL manually please check "
                 "your spelling and try again."
             )
-            return _json_body({"code": "not_found", "message": message, "status": 404}, 404)
+            return self._dialect_of(request).restx_body({"code": "not_found", "message": message, "status": 404}, 404)
         except web.HTTPMethodNotAllowed:
             message = "The method is not allowed for the requested URL."
-            return _json_body({"code": "method_not_allowed", "message": message, "status": 405}, 405)
+            body = {"code": "method_not_allowed", "message": message, "status": 405}
+            return self._dialect_of(request).restx_body(body, 405)
 
-    @staticmethod
-    async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers["Access-Control-Allow-Origin"] = "*"
-        response.headers["X-Version"] = DIFY_VERSION
-        response.headers["X-Env"] = "PRODUCTION"
+    def _dialect_of(self, request: web.Request) -> Dialect:
+        dialect = request.get(DIALECT_KEY)
+        return dialect if isinstance(dialect, Dialect) else Dialect(self.version)
+
+    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        self._dialect_of(request).add_headers(response)
 
     def _record(self, request: web.Request, app: FakeApp | None, body: Any) -> None:
         headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
@@ -489,7 +633,10 @@ class FakeDify:
     def _app_of(self, request: web.Request) -> FakeApp | None:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        return self.apps.get(token.strip()) if scheme.lower() == "bearer" else None
+        app = self.apps.get(token.strip()) if scheme.lower() == "bearer" else None
+        if app is not None:
+            request[DIALECT_KEY] = app.dialect  # the answer, errors included, is in the app's version
+        return app
 
     def _authenticate(self, request: web.Request) -> FakeApp:
         header = request.headers.get("Authorization")
@@ -501,6 +648,7 @@ class FakeDify:
         app = self.apps.get(token.strip())
         if app is None:
             raise DifyHTTPError(401, "unauthorized", "Access token is invalid")
+        request[DIALECT_KEY] = app.dialect
         return app
 
     async def _read_json(self, request: web.Request) -> Any:
@@ -545,28 +693,43 @@ class FakeDify:
 
     async def _root(self, request: web.Request) -> web.Response:
         self._record(request, None, None)
-        return _json_body({"welcome": "Dify OpenAPI", "api_version": "v1", "server_version": DIFY_VERSION})
+        body = {"welcome": "Dify OpenAPI", "api_version": "v1", "server_version": self.version}
+        return Dialect(self.version).restx_body(body)
 
     async def _info(self, request: web.Request) -> web.Response:
         app = self._app_of(request)
         self._record(request, app, None)
         app = self._authenticate(request)
         info: dict[str, Any] = {"name": app.name, "description": app.description, "tags": []}
-        if self.info_with_mode:
+        if self.info_with_mode or app.dialect.is_1x:
             info["mode"] = app.mode
-            info["author_name"] = "fake"
-        return _json_body(info)
+            info["author_name"] = "fake" if not app.dialect.is_1x else "admin"
+        return app.dialect.restx_body(info)
 
     async def _meta(self, request: web.Request) -> web.Response:
         self._record(request, self._app_of(request), None)
-        self._authenticate(request)
-        return _json_body({"tool_icons": {}})
+        app = self._authenticate(request)
+        return app.dialect.restx_body({"tool_icons": {}})
+
+    async def _delete_conversation(self, request: web.Request) -> web.Response:
+        body = await self._read_json(request)
+        self._record(request, self._app_of(request), body)
+        app = self._authenticate(request)
+        user = self._require_user(body)
+        if app.mode not in CHAT_MODES:
+            raise DifyHTTPError(400, "not_chat_app", _ROUTE_MISMATCH)
+        conversation = self.conversations.get(request.match_info["conversation_id"])
+        if conversation is None or conversation.app != app.name or conversation.user != user:
+            message = "Conversation Not Exists."
+            raise DifyHTTPError(404, "not_found", message)
+        del self.conversations[conversation.id]
+        return app.dialect.no_content()
 
     async def _parameters(self, request: web.Request) -> web.Response:
         self._record(request, self._app_of(request), None)
         app = self._authenticate(request)
         methods = ["local_file", "remote_url"]
-        return _json_body(
+        parameters = (
             {
                 "opening_statement": app.opening_statement,
                 "suggested_questions": [],
@@ -600,6 +763,16 @@ class FakeDify:
                 },
             }
         )
+        if app.dialect.is_1x:  # 03, 04: no `image` section, a shorter moderation section
+            if app.mode in WORKFLOW_MODES:
+                parameters["file_upload"].pop("image")
+            elif not app.file_upload:  # 110b, 120b, 130b: a classic app without uploads has the image section only
+                parameters["file_upload"] = {"image": {"detail": "high", "enabled": False, "number_limits": 3,
+                                                       "transfer_methods": ["remote_url", "local_file"]}}  # fmt: skip
+            parameters["sensitive_word_avoidance"] = {"enabled": False}
+            if app.mode == "workflow" and not app.opening_statement:
+                parameters["opening_statement"] = None
+        return app.dialect.restx_body(parameters)
 
     async def _upload(self, request: web.Request) -> web.Response:
         app = self._app_of(request)
@@ -617,6 +790,8 @@ class FakeDify:
                     fields[part.name] = await part.text()
         self._record(request, app, {**fields, "files": [name for name, _, _ in files]})
         app = self._authenticate(request)
+        if not files and app.dialect.is_1x:
+            raise DifyHTTPError(400, "no_file_uploaded", "Please upload your file.")
         if not files:
             message = "The browser (or proxy) sent a request that this server could not understand."
             raise DifyHTTPError(400, "bad_request_key_error", message)
@@ -636,8 +811,10 @@ class FakeDify:
             data=data,
         )
         self.uploads[uploaded.id] = uploaded
-        body = {
-            "id": uploaded.id,
+        body: dict[str, Any] = {"id": uploaded.id}
+        if app.dialect.is_1x:
+            body["reference"] = None
+        body |= {
             "name": uploaded.name,
             "size": uploaded.size,
             "extension": uploaded.extension,
@@ -645,7 +822,18 @@ class FakeDify:
             "created_by": self._end_user_id(app, user),
             "created_at": int(time.time()),
         }
-        return _json_body(body, 201)
+        if app.dialect.is_1x:  # 10: signed links and the new bookkeeping fields
+            body |= {
+                "preview_url": None, "source_url": self._signed_preview(uploaded.id), "original_url": None,
+                "user_id": None, "tenant_id": str(uuid.uuid5(_ID_NAMESPACE, "tenant")), "conversation_id": None,
+                "file_key": None,
+            }  # fmt: skip
+        return app.dialect.restx_body(body, 201)
+
+    def _signed_preview(self, file_id: str) -> str:
+        signature = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        query = f"timestamp={int(time.time())}&nonce={secrets.token_hex(16)}&sign={signature}"
+        return f"{self.public_url}/files/{file_id}/file-preview?{query}"
 
     async def _tool_file(self, request: web.Request) -> web.Response:
         data = self.tool_files.get(request.match_info["name"])
@@ -666,13 +854,19 @@ class FakeDify:
         self._record(request, self._app_of(request), None)
         app = self._authenticate(request)
         if app.mode != "workflow":
-            raise DifyHTTPError(
-                400, "not_workflow_app", "Please check if your Workflow app mode matches the right API route."
-            )
+            raise _not_workflow_app(app.dialect)
         run = self.workflow_runs.get(request.match_info["run_id"])
         if run is None or run.app != app.name:
             raise DifyHTTPError(404, "not_found", "Workflow run not found.")
-        return _json_body(
+        if app.dialect.is_1x:  # 84, 60b, 66b: outputs an object, times in unix seconds
+            inputs = _with_timestamp(run)
+            return app.dialect.restx_body({
+                "id": run.id, "workflow_id": run.workflow_id, "status": run.status, "inputs": json.dumps(inputs),
+                "outputs": run.outputs if run.outputs is not None else {}, "error": run.error,
+                "total_steps": run.total_steps, "total_tokens": run.total_tokens, "created_at": run.created_at,
+                "finished_at": run.finished_at, "elapsed_time": run.elapsed_time,
+            })  # fmt: skip
+        return app.dialect.restx_body(
             {
                 "id": run.id,
                 "workflow_id": run.workflow_id,
@@ -697,7 +891,7 @@ class FakeDify:
         return await self._stop(request, ("completion",), DifyHTTPError(400, "app_unavailable", _APP_UNAVAILABLE))
 
     async def _stop_workflow(self, request: web.Request) -> web.Response:
-        return await self._stop(request, ("workflow",), DifyHTTPError(400, "not_workflow_app", _WORKFLOW_MISMATCH))
+        return await self._stop(request, ("workflow",), _not_workflow_app(self._dialect_of(request)))
 
     async def _stop(self, request: web.Request, modes: tuple[str, ...], wrong_mode: DifyHTTPError) -> web.Response:
         body = await self._read_json(request)
@@ -713,7 +907,7 @@ class FakeDify:
         if run is not None and found:
             run.stop.set()
         self.stops.append(StopRecord(path=request.path, task_id=task_id, user=user, found=found))
-        return _json_body({"result": "success"})
+        return app.dialect.restx_body({"result": "success"})
 
     # --- generation ---------------------------------------------------------------------------------------
 
@@ -734,7 +928,10 @@ class FakeDify:
             message = "The browser (or proxy) sent a request that this server could not understand."
             raise DifyHTTPError(400, "bad_request", message)
         user = self._require_user(body)
+        if app.mode in ONLY_INFO_MODES:  # a 1.x channel or rag-pipeline app: no generation route takes its key
+            raise DifyHTTPError(400, "app_unavailable", _APP_UNAVAILABLE)
         self._check_route(app, endpoint)
+        request[PAYLOAD_MODEL_KEY] = _PAYLOAD_MODELS[endpoint]
         query, streaming, conversation_id = self._parse_args(app, endpoint, body)
         behaviour = self._behaviour_for(app)
         limit = behaviour.max_active_streams
@@ -744,11 +941,18 @@ class FakeDify:
                 f"for {app.id} is {limit}."
             )
             raise DifyHTTPError(429, "too_many_requests", message)
-        if app.mode == "agent-chat" and not streaming:
+        if app.mode in ("agent-chat", "agent") and not streaming:
             raise DifyHTTPError(400, "invalid_param", "Agent Chat App does not support blocking mode")
         conversation = self._find_conversation(app, user, conversation_id) if app.mode in CHAT_MODES else None
-        inputs = self._validate_inputs(app, body.get("inputs") or {})
-        files = self._validate_files(body.get("files"))
+        try:
+            inputs = self._validate_inputs(app, body.get("inputs") or {})
+            files = self._validate_files(body.get("files"))
+        except DifyHTTPError as exc:
+            # 1.x checks a workflow-based app's inputs inside its run: the stream says so (82, 28)
+            if not (app.dialect.is_1x and app.mode in WORKFLOW_MODES and streaming):
+                raise
+            self._consume_next_request(app)
+            return await self._stream_invalid(request, app, str(exc))
         if app.mode in CHAT_MODES and not query:
             raise _invalid("query is required")
         self._consume_next_request(app)  # only a request that got this far uses up a one-shot override
@@ -766,7 +970,7 @@ class FakeDify:
             query=text_query,
             inputs=inputs,
             behaviour=behaviour,
-            answer=self._answer_for(behaviour, text_query, conversation, slow),
+            answer=self._answer_for(app, behaviour, text_query, conversation, slow),
             token_delay=behaviour.slow_token_delay if slow else behaviour.token_delay,
             fails_upstream="fail500" in text_query,
             conversation=conversation,
@@ -774,11 +978,13 @@ class FakeDify:
         )
         if conversation is not None:
             conversation.queries.append(query)
-        if app.mode == "workflow":
+        if app.mode == "workflow" or (app.mode == "advanced-chat" and app.dialect.is_1x):
             app.runs_started += 1
             run.workflow_run = WorkflowRun(
-                id=str(uuid.uuid4()), app=app.name, workflow_id=app.workflow_id, inputs=self._sys_inputs(run)
-            )
+                id=str(uuid.uuid4()), app=app.name, workflow_id=app.workflow_id, inputs={}, user=user,
+                mode=app.mode,
+            )  # fmt: skip
+            run.workflow_run.inputs = self._sys_inputs(run)
             self.workflow_runs[run.workflow_run.id] = run.workflow_run
         elif app.mode == "advanced-chat":
             app.runs_started += 1
@@ -792,24 +998,24 @@ class FakeDify:
         if endpoint == "completion" and app.mode != "completion":
             raise DifyHTTPError(400, "app_unavailable", _APP_UNAVAILABLE)
         if endpoint == "workflow" and app.mode != "workflow":
-            raise DifyHTTPError(400, "not_workflow_app", _WORKFLOW_MISMATCH)
+            raise _not_workflow_app(app.dialect)
 
     def _parse_args(self, app: FakeApp, endpoint: str, body: dict[str, Any]) -> tuple[str, bool, str]:
-        """flask-restful reqparse, in the order Dify declares the arguments: the first problem wins."""
-        missing = "Missing required parameter in the JSON body"
+        """flask-restful reqparse (0.15) or pydantic (1.x), in the order Dify declares the fields: the first
+        problem wins (worded by the app's dialect)."""
         if not isinstance(body.get("inputs"), dict):
-            raise _invalid(missing, "inputs")
+            raise ValidationFailure("inputs", "missing", body=body)
         query = body.get("query")
         if endpoint == "chat" and query is None:
-            raise _invalid(missing, "query")
+            raise ValidationFailure("query", "missing", body=body)
         if query is not None and not isinstance(query, str):
             query = str(query)
         mode = body.get("response_mode")
         if mode is not None and mode not in ("blocking", "streaming"):
-            raise _invalid(f"{mode} is not a valid choice", "response_mode")
+            raise ValidationFailure("response_mode", "bad_choice", value=mode)
         conversation_id = body.get("conversation_id") or ""
         if endpoint == "chat" and conversation_id and not _is_uuid(str(conversation_id)):
-            raise _invalid(f"{conversation_id} is not a valid uuid.", "conversation_id")
+            raise ValidationFailure("conversation_id", "not_uuid", value=conversation_id)
         return query or "", mode == "streaming", str(conversation_id)
 
     def _behaviour_for(self, app: FakeApp) -> Behaviour:
@@ -829,7 +1035,7 @@ class FakeDify:
         conversation = self.conversations.get(conversation_id)
         if conversation is None or conversation.app != app.name or conversation.user != user:
             message = "Conversation Not Exists."
-            if self.conversation_error_suffix:
+            if self.conversation_error_suffix or app.dialect.is_1x:
                 message += (
                     " You have requested this URI [/v1/chat-messages] but did you mean /v1/chat-messages or "
                     "/api/chat-messages or /v1/chat-messages/<string:task_id>/stop ?"
@@ -887,26 +1093,31 @@ class FakeDify:
         return files
 
     @staticmethod
-    def _answer_for(behaviour: Behaviour, query: str, conversation: Conversation | None, slow: bool) -> str:
+    def _answer_for(
+        app: FakeApp, behaviour: Behaviour, query: str, conversation: Conversation | None, slow: bool
+    ) -> str:
+        tail = app.dialect.answer_tail
         if behaviour.answer is not None:
             return behaviour.answer
         if slow:
             return "Slow answer: " + " ".join(f"word{i}" for i in range(40))
         if behaviour.mention_turn and conversation is not None:
             turn = len(conversation.queries) + 1
-            return f"Echo: {query} | Turn {turn} of this conversation. {ANSWER_TAIL}"
-        return f"Echo: {query} | {ANSWER_TAIL}"
+            return f"Echo: {query} | Turn {turn} of this conversation. {tail}"
+        return f"Echo: {query} | {tail}"
 
     def _sys_inputs(self, run: _Run) -> dict[str, Any]:
         inputs = dict(run.inputs)
         if run.app.mode == "advanced-chat":
             inputs["sys.query"] = run.query
         inputs["sys.files"] = [self._file_variable(file) for file in run.files]
-        if run.conversation is not None:
+        if run.conversation is not None and not run.dialect.is_1x:
             inputs["sys.conversation_id"] = run.conversation.id
         inputs["sys.user_id"] = run.user
         if run.conversation is not None:
-            inputs["sys.dialogue_count"] = len(run.conversation.answers)
+            # 0.15 counts the answers before this turn, 1.x the turns including it (70: 1 on the first)
+            turns = run.conversation.queries if run.dialect.is_1x else run.conversation.answers
+            inputs["sys.dialogue_count"] = len(turns)
         inputs["sys.app_id"] = run.app.id
         inputs["sys.workflow_id"] = run.app.workflow_id
         inputs["sys.workflow_run_id"] = self._workflow_run_id(run)
@@ -948,34 +1159,66 @@ class FakeDify:
     # --- blocking -----------------------------------------------------------------------------------------
 
     def _blocking(self, run: _Run) -> web.Response:
-        if run.fails_upstream:
-            raise DifyHTTPError(400, "completion_request_error", UPSTREAM_FAILURE)
-        run.sent = run.answer
-        run.tokens_sent = len(split_tokens(run.answer))
-        self._finish_conversation(run)
+        dialect = run.dialect
+        failure = UPSTREAM_FAILURES[run.app.version]
+        if run.fails_upstream and not (dialect.is_1x and run.app.mode == "workflow"):
+            if dialect.is_1x and run.app.mode == "advanced-chat":
+                raise DifyHTTPError(400, "invalid_param", f"Run failed: {failure}")  # 105b
+            raise DifyHTTPError(400, "completion_request_error", failure)
+        if run.app.human_input is not None:
+            return self._blocking_pause(run)
+        status, outputs, error = "succeeded", None, None
+        if run.fails_upstream:  # a 1.x workflow: 200 with the failed run (144b)
+            status, outputs, error = "failed", {}, failure
+        else:
+            run.sent = run.answer
+            run.tokens_sent = len(split_tokens(run.answer))
+            self._finish_conversation(run)
+        if run.workflow_run is not None and run.app.mode == "workflow":
+            self._finish_workflow_run(run, status, self._workflow_outputs(run) if outputs is None else outputs, error)
+            return dialect.blocking_body(
+                {"task_id": run.task_id, "workflow_run_id": run.workflow_run.id, "data": self._run_data(run)}
+            )
         if run.workflow_run is not None:
-            self._finish_workflow_run(run, "succeeded", self._workflow_outputs(run), None)
-            wf = run.workflow_run
-            data = {
-                "id": wf.id,
-                "workflow_id": wf.workflow_id,
-                "status": wf.status,
-                "outputs": wf.outputs,
-                "error": None,
-                "elapsed_time": wf.elapsed_time,
-                "total_tokens": wf.total_tokens,
-                "total_steps": wf.total_steps,
-                "created_at": wf.created_at,
-                "finished_at": wf.finished_at,
-            }
-            return _json_body({"task_id": run.task_id, "workflow_run_id": wf.id, "data": data}, newline=False)
+            self._finish_workflow_run(run, "succeeded", {"answer": run.sent, "files": []}, None)
         answer: dict[str, Any] = {"event": "message", "task_id": run.task_id, "id": run.message_id}
         answer["message_id"] = run.message_id
         if run.conversation is not None:
             answer["conversation_id"] = run.conversation.id
-        answer |= {"mode": run.app.mode, "answer": run.answer, "metadata": {"usage": run.usage()}}
+        answer |= {"mode": run.app.mode, "answer": run.answer, "metadata": self._metadata(run, blocking=True)}
         answer["created_at"] = run.created_at
-        return _json_body(answer, newline=False)
+        return dialect.blocking_body(answer)
+
+    def _run_data(self, run: _Run) -> dict[str, Any]:
+        wf = run.workflow_run
+        assert wf is not None
+        outputs = wf.outputs if wf.outputs is not None or not run.dialect.is_1x else {}
+        return {
+            "id": wf.id, "workflow_id": wf.workflow_id, "status": wf.status, "outputs": outputs,
+            "error": wf.error, "elapsed_time": wf.elapsed_time, "total_tokens": wf.total_tokens,
+            "total_steps": wf.total_steps, "created_at": wf.created_at, "finished_at": wf.finished_at,
+        }  # fmt: skip
+
+    def _blocking_pause(self, run: _Run) -> web.Response:
+        """1.x: a run that reaches a Human Input node answers at once with the pause (68 workflow, 78 chatflow)."""
+        form = self._open_form(run)
+        wf = run.workflow_run
+        assert wf is not None
+        reasons = [form.reason()]
+        if run.app.mode == "workflow":
+            data = self._run_data(run) | {"paused_nodes": [form.node.node_id], "reasons": reasons}
+            return run.dialect.blocking_body({"task_id": run.task_id, "workflow_run_id": wf.id, "data": data})
+        metadata = {"annotation_reply": None, "retriever_resources": [], "usage": None, "reasoning": {}}
+        head = {"id": run.message_id, "mode": run.app.mode, "conversation_id": run.conversation_id,
+                "message_id": run.message_id, "workflow_run_id": wf.id, "answer": "", "metadata": metadata,
+                "created_at": run.created_at}  # fmt: skip
+        data = head | {"paused_nodes": [form.node.node_id], "reasons": reasons, "status": "paused",
+                       "elapsed_time": run.elapsed(), "total_tokens": 0, "total_steps": 2}  # fmt: skip
+        body = {"event": "workflow_paused", "task_id": run.task_id, "id": run.message_id,
+                "message_id": run.message_id, "conversation_id": run.conversation_id, "mode": run.app.mode,
+                "answer": "", "metadata": metadata, "created_at": run.created_at, "workflow_run_id": wf.id,
+                "data": data}  # fmt: skip
+        return run.dialect.blocking_body(body)
 
     def _finish_conversation(self, run: _Run) -> None:
         if run.conversation is not None:
@@ -990,22 +1233,31 @@ class FakeDify:
         wf.total_tokens = run.usage()["total_tokens"] if status == "succeeded" else 0
         wf.finished_at = int(time.time())
         wf.elapsed_time = run.elapsed()
+        self._runs_by_id.pop(wf.id, None)
 
     def _workflow_outputs(self, run: _Run) -> dict[str, Any]:
+        if run.dialect.is_1x:  # the capture's llm-workflow ends with answer = llm.text
+            outputs: dict[str, Any] = {"answer": run.sent}
+            if run.behaviour.answer_file:
+                outputs["files"] = [self._answer_file_object(run)]
+            return outputs | self.output_files.get(run.app.api_key, {})
         return {"answer": run.sent, "echo_query": run.query, **self.output_files.get(run.app.api_key, {})}
 
     # --- streaming ----------------------------------------------------------------------------------------
 
     async def _stream(self, request: web.Request, run: _Run) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        response = web.StreamResponse(headers=run.dialect.stream_headers())
         response.enable_chunked_encoding()
         await response.prepare(request)
-        writer = _EventWriter(response)
+        writer = self._writer(run, response)
+        if run.dialect.leading_ping(run.app.mode):
+            await response.write(b"event: ping\n\n")
         writer.start_pings(self.ping_interval)
         self._running[run.task_id] = run
         emitters = {
             "chat": self._emit_chat,
             "agent-chat": self._emit_agent,
+            "agent": self._emit_agent,
             "advanced-chat": self._emit_chatflow,
             "workflow": self._emit_workflow,
             "completion": self._emit_chat,
@@ -1013,15 +1265,17 @@ class FakeDify:
         try:
             outcome = await emitters[run.app.mode](run, writer)
             await writer.stop_pings()
-            if outcome == _Outcome.STALL:
+            if outcome in (_Outcome.DONE, _Outcome.STOPPED) and writer.lost is not None:
+                self._finish_conversation(run)  # 1.x: the run went on without its client, and ended
+            if outcome == _Outcome.STALL or writer.lost == "stall":
                 await self._linger(request, None)
-            elif outcome == _Outcome.CUT:
-                if request.transport is not None:
+            elif outcome == _Outcome.CUT or writer.lost in ("cut", "end", "gone"):
+                if request.transport is not None and writer.lost != "end":
                     request.transport.close()
                 return response
             elif outcome in (_Outcome.DONE, _Outcome.STOPPED) and run.behaviour.hold_open_after_end > 0:
                 await self._linger(request, run.behaviour.hold_open_after_end)
-            if outcome in (_Outcome.DONE, _Outcome.STOPPED):
+            if outcome in (_Outcome.DONE, _Outcome.STOPPED) and writer.lost is None:
                 self._finish_conversation(run)
         except ConnectionError:
             log.debug("fake Dify: client went away during task %s", run.task_id)
@@ -1032,10 +1286,43 @@ class FakeDify:
             await response.write_eof()
         return response
 
+    def _writer(self, run: _Run, response: web.StreamResponse | None) -> _EventWriter:
+        run_id = run.workflow_run.id if run.workflow_run is not None else ""
+        if run.workflow_run is not None:
+            self._runs_by_id[run_id] = run
+        return _EventWriter(response, run.dialect, lambda obj: self._publish(run_id, obj))
+
+    async def _stream_invalid(self, request: web.Request, app: FakeApp, error: str) -> web.StreamResponse:
+        """1.x refuses a workflow-based app's inputs inside a stream that names no conversation (82, 28)."""
+        response = web.StreamResponse(headers=app.dialect.stream_headers())
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        run_id = str(uuid.uuid4())
+        now = int(time.time())
+        head = {"task_id": run_id, "workflow_run_id": run_id}
+        started = {"event": "workflow_started", **head,
+                   "data": {"id": run_id, "workflow_id": app.workflow_id, "inputs": {}, "created_at": now,
+                            "reason": "initial"}}  # fmt: skip
+        finished = {"event": "workflow_finished", **head,
+                    "data": {"id": run_id, "workflow_id": app.workflow_id, "status": "failed", "outputs": None,
+                             "error": error, "elapsed_time": 0.0, "total_tokens": 0, "total_steps": 0,
+                             "created_by": {}, "created_at": now, "finished_at": now, "exceptions_count": 1,
+                             "files": []}}  # fmt: skip
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"event: ping\n\n")
+            await response.write(app.dialect.chunk(started))
+            await response.write(app.dialect.chunk(finished))
+            await response.write_eof()
+        return response
+
     def _fault(self, run: _Run, index: int) -> str | None:
         b = run.behaviour
         if run.fails_upstream and index == 0:
             return _Outcome.ERROR
+        if b.stopped_after is not None and b.stopped_after == index:
+            run.stopped_elsewhere = True  # the Dify console (or another host) stopped it
+            run.stop.set()
+            return _Outcome.STOPPED
         for outcome, after in (
             (_Outcome.ERROR, b.error_after),
             (_Outcome.STALL, b.stall_after),
@@ -1046,27 +1333,76 @@ class FakeDify:
                 return outcome
         return None
 
+    def _tokens(self, run: _Run) -> list[tuple[str, str]]:
+        """What the fake model streams: ("reasoning", text) first when it thinks and the app separates reasoning
+        (1.x chatflow / workflow), else the `<think>` block as text; then ("text", token)s."""
+        tokens = [("text", token) for token in split_tokens(run.answer)]
+        if not run.behaviour.think:
+            return tokens
+        if self._separates_reasoning(run):
+            return [("reasoning", t) for t in ["\n", *split_tokens(REASONING)[:-1], "\n"]] + tokens
+        think = ["<think>\n", *split_tokens(REASONING)[:-1], "\n</think>\n\n"]
+        return [("text", t) for t in think] + tokens
+
+    @staticmethod
+    def _separates_reasoning(run: _Run) -> bool:
+        return run.dialect.is_1x and run.app.mode in WORKFLOW_MODES
+
     async def _stream_tokens(self, run: _Run, writer: _EventWriter, make_event: Callable[[str], dict[str, Any]]) -> str:
-        tokens = split_tokens(run.answer)
-        for index, token in enumerate(tokens):
+        tokens = self._tokens(run)
+        index = 0  # of text tokens: faults and moderation count those
+        for position, (kind, token) in enumerate(tokens):
+            if kind == "reasoning":
+                await writer.send(self._reasoning(run, token, final=False))
+                continue
             fault = self._fault(run, index)
+            if fault in (_Outcome.CUT, _Outcome.STALL, _Outcome.END) and self._follows(run):
+                await self._lose_client(run, writer, fault)
+                fault = None
             if fault is not None:
                 return fault
             if self._closing.is_set():
                 return _Outcome.CUT
             if run.stop.is_set():
                 return _Outcome.STOPPED
+            if run.behaviour.replace_after is not None and index == run.behaviour.replace_after:
+                await self._moderate(run, writer)
+                return _Outcome.DONE  # moderated: nothing more of the original answer
             latency = run.behaviour.first_token_delay if index == 0 else 0.0
             if latency and await self._pause(run, latency):
                 return _Outcome.CUT if self._closing.is_set() else _Outcome.STOPPED
+            last = position == len(tokens) - 1
+            if last and run.behaviour.think and self._separates_reasoning(run):
+                await writer.send(self._reasoning(run, "", final=True))  # 104: before the closing empty message
+            if last and run.behaviour.answer_file:
+                await writer.send(make_event(self._answer_file_markdown(run)))
+                run.sent += self._answer_file_markdown(run)
             await writer.send(make_event(token))
             if index == 0:
                 self.first_text_at.setdefault(run.user, time.monotonic())  # for the latency benchmark
             run.sent += token
             run.tokens_sent += 1
-            if index < len(tokens) - 1 and await self._pause(run, run.token_delay):
+            index += 1
+            if not last and await self._pause(run, run.token_delay):
                 return _Outcome.CUT if self._closing.is_set() else _Outcome.STOPPED
-        return self._fault(run, len(tokens)) or _Outcome.DONE
+        return self._fault(run, index) or _Outcome.DONE
+
+    def _follows(self, run: _Run) -> bool:
+        """1.x keeps a workflow-based run going when its client is lost: its events route can follow it."""
+        return run.dialect.is_1x and run.workflow_run is not None
+
+    async def _lose_client(self, run: _Run, writer: _EventWriter, how: str) -> None:
+        """The client loses the stream (a proxy cut it, it went silent, it ended cleanly); the run goes on once
+        someone listens on its events route, or after `hold_for_subscriber`."""
+        if how == _Outcome.END:
+            with contextlib.suppress(ConnectionError):
+                await writer.end_client()
+        writer.detach(how)
+        await writer.stop_pings()
+        if how == _Outcome.CUT and writer.transport is not None:
+            writer.transport.close()
+        assert run.workflow_run is not None
+        await self._wait_subscriber(run.workflow_run.id, run.behaviour.hold_for_subscriber)
 
     # chunk shapes: chat apps start every chunk with event, conversation_id, message_id, created_at;
     # completion apps with event, message_id, created_at; workflow apps with event, workflow_run_id
@@ -1080,24 +1416,48 @@ class FakeDify:
         chunk |= {"message_id": run.message_id, "created_at": run.created_at}
         return chunk | body
 
-    def _message(self, run: _Run, token: str) -> dict[str, Any]:
-        selector = ["llm", "text"] if run.app.mode == "advanced-chat" else None
+    def _message(self, run: _Run, token: str, selector: list[str] | None = None) -> dict[str, Any]:
+        if selector is None:
+            if run.app.mode == "advanced-chat":
+                selector = ["llm", "text"]
+            elif run.dialect.is_1x:
+                selector = []
         return self._chunk(
-            run,
-            "message",
-            task_id=run.task_id,
-            id=run.message_id,
-            answer=token,
-            from_variable_selector=selector,
+            run, "message", task_id=run.task_id, id=run.message_id, answer=token, from_variable_selector=selector
         )
 
+    def _reasoning(self, run: _Run, text: str, *, final: bool) -> dict[str, Any]:
+        message_id = run.message_id if run.app.mode != "workflow" else None
+        data = {"message_id": message_id, "reasoning": text, "node_id": "llm", "is_final": final}
+        return self._chunk(run, "reasoning_chunk", task_id=run.task_id, data=data)
+
+    def _metadata(self, run: _Run, *, usage: dict[str, Any] | None = None, blocking: bool = False) -> dict[str, Any]:
+        usage = usage or run.usage()
+        if not run.dialect.is_1x:
+            return {"usage": usage}
+        metadata: dict[str, Any] = {}
+        if run.app.mode == "advanced-chat" or blocking:
+            metadata["annotation_reply"] = None
+        if run.app.mode == "advanced-chat" or blocking:
+            timing = {"time_to_first_token": None, "time_to_generate": None} if blocking else {
+                "time_to_first_token": 0.05, "time_to_generate": round(run.elapsed(), 3)}
+            usage = usage | timing
+        reasoning = {"llm": REASONING} if run.behaviour.think and self._separates_reasoning(run) else {}
+        return metadata | {"retriever_resources": [], "usage": usage, "reasoning": reasoning}
+
     def _message_end(self, run: _Run, *, usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        files: list[Any] | None = [] if run.app.mode == "advanced-chat" else None
-        metadata = {"usage": usage or run.usage()}
-        return self._chunk(run, "message_end", task_id=run.task_id, id=run.message_id, metadata=metadata, files=files)
+        if run.dialect.is_1x:
+            files: list[Any] | None = [self._answer_file_object(run)] if run.behaviour.answer_file else []
+        else:
+            files = [] if run.app.mode == "advanced-chat" else None
+        return self._chunk(
+            run, "message_end", task_id=run.task_id, id=run.message_id, metadata=self._metadata(run, usage=usage),
+            files=files,
+        )  # fmt: skip
 
     def _upstream_error(self, run: _Run, *, code: str = "completion_request_error", prefix: str = "") -> dict[str, Any]:
-        return self._chunk(run, "error", code=code, status=400, message=prefix + UPSTREAM_FAILURE)
+        failure = UPSTREAM_FAILURES[run.app.version]
+        return self._chunk(run, "error", code=code, status=400, message=prefix + failure)
 
     def _message_file(self, run: _Run) -> dict[str, Any]:
         name = f"{uuid.uuid4()}.png"
@@ -1114,18 +1474,82 @@ class FakeDify:
             url=url,
         )
 
+    def _answer_upload(self, run: _Run) -> UploadedFile:
+        """The picture an answer shows (`answer_file`): an uploaded file, served as its signed preview (26b)."""
+        key = f"answer-file:{run.task_id}"
+        uploaded = self.uploads.get(key)
+        if uploaded is None:
+            uploaded = UploadedFile(id=str(uuid.uuid4()), name="chart.png", size=len(TOOL_IMAGE), extension="png",
+                                    mime_type="image/png", user=run.user, data=TOOL_IMAGE)  # fmt: skip
+            self.uploads[key] = self.uploads[uploaded.id] = uploaded
+        return uploaded
+
+    def _answer_file_markdown(self, run: _Run) -> str:
+        uploaded = self._answer_upload(run)
+        return f" ![{uploaded.name}]({self._signed_preview(uploaded.id)})"
+
+    def _answer_file_object(self, run: _Run) -> dict[str, Any]:
+        """1.x's File object of the same picture, signed anew (so its URL differs from the markdown's)."""
+        uploaded = self._answer_upload(run)
+        reference = base64.b64encode(json.dumps({"record_id": uploaded.id}).encode()).decode()
+        return {
+            "dify_model_identity": "__dify__file__", "id": None, "type": "image", "transfer_method": "local_file",
+            "remote_url": "", "reference": f"dify-file-ref:{reference}", "filename": uploaded.name,
+            "extension": ".png", "mime_type": uploaded.mime_type, "size": uploaded.size, "related_id": uploaded.id,
+            "url": self._signed_preview(uploaded.id),
+        }  # fmt: skip
+
     async def _moderate(self, run: _Run, writer: _EventWriter) -> None:
         replacement = run.behaviour.replace_with
         if replacement is None:
-            return
+            if run.behaviour.replace_after is None:
+                return
+            replacement = MODERATED_ANSWER
         run.sent = replacement
         if run.app.mode == "workflow":
             await writer.send(self._chunk(run, "text_replace", task_id=run.task_id, data={"text": replacement}))
+        elif run.dialect.is_1x:
+            body = {"task_id": run.task_id, "answer": replacement, "reason": "output_moderation"}
+            await writer.send(self._chunk(run, "message_replace", **body))
         else:
             await writer.send(self._chunk(run, "message_replace", task_id=run.task_id, answer=replacement))
 
+    async def _emit_steps(self, run: _Run, writer: _EventWriter) -> None:
+        """Step events a test asks for (`steps`), before the answer: what the bridge shows as progress."""
+        for step in run.behaviour.steps:
+            for event in self._step_events(run, step):
+                await writer.send(event)
+
+    def _step_events(self, run: _Run, step: str) -> list[dict[str, Any]]:
+        now = int(time.time())
+        head = {"task_id": run.task_id, "workflow_run_id": self._workflow_run_id(run)}
+        if step == "node_retry":
+            data = self._node(run, "llm") | {
+                "inputs": None, "inputs_truncated": False, "process_data": None, "process_data_truncated": False,
+                "outputs": None, "outputs_truncated": False, "status": "retry", "error": "Rate limited",
+                "elapsed_time": 0.1, "execution_metadata": None, "created_at": now, "finished_at": now, "files": [],
+                "iteration_id": None, "loop_id": None, "retry_index": 1,
+            }  # fmt: skip
+            return [self._chunk(run, "node_retry", **head, data=data)]
+        if step in ("iteration", "loop"):
+            node = {"id": str(uuid.uuid4()), "node_id": step, "node_type": step, "title": f"Each {step} item"}
+            return [
+                self._chunk(run, f"{step}_started", **head, data=node | {"created_at": now, "extras": {}}),
+                self._chunk(run, f"{step}_next", **head, data=node | {"index": 1, "created_at": now, "extras": {}}),
+                self._chunk(run, f"{step}_completed", **head,
+                            data=node | {"outputs": {}, "created_at": now, "status": "succeeded",
+                                         "elapsed_time": 0.1, "total_tokens": 0, "finished_at": now, "steps": 2}),
+            ]  # fmt: skip
+        if step == "agent_log":
+            data = {"node_execution_id": str(uuid.uuid4()), "id": str(uuid.uuid4()), "label": "ROUND 1",
+                    "parent_id": None, "error": None, "status": "start", "data": {}, "metadata": {},
+                    "node_id": "agent"}  # fmt: skip
+            return [self._chunk(run, "agent_log", task_id=run.task_id, data=data)]
+        return [self._chunk(run, step, task_id=run.task_id, data={"note": "an event of a Dify to come"})]
+
     async def _emit_chat(self, run: _Run, writer: _EventWriter) -> str:
         """chat and completion apps: message×N, message_end."""
+        await self._emit_steps(run, writer)
         outcome = await self._stream_tokens(run, writer, lambda token: self._message(run, token))
         if outcome == _Outcome.ERROR:
             await writer.send(self._upstream_error(run))
@@ -1133,9 +1557,15 @@ class FakeDify:
             return outcome
         if run.behaviour.message_file:
             await writer.send(self._message_file(run))
-        await self._moderate(run, writer)
-        await writer.send(self._message_end(run))
+        if run.behaviour.replace_after is None:
+            await self._moderate(run, writer)
+        usage = self._stopped_usage(run) if outcome == _Outcome.STOPPED else None
+        await writer.send(self._message_end(run, usage=usage))
         return outcome
+
+    def _stopped_usage(self, run: _Run) -> dict[str, Any]:
+        zero = dict.fromkeys(("prompt_tokens", "completion_tokens", "total_tokens"), 0)
+        return run.usage() | zero | {"latency": 0.0}
 
     def _thought(self, run: _Run, thought_id: str, position: int, **fields: Any) -> dict[str, Any]:
         tool = fields.get("tool", "")
@@ -1158,7 +1588,11 @@ class FakeDify:
         """agent_thought, [tool call: thoughts, message_file], agent_message×N, agent_thought, message_end."""
         position = 1
         thought_id = str(uuid.uuid4())
+        if run.fails_upstream and run.dialect.is_1x:  # 124: the model fails before the first thought
+            await writer.send(self._upstream_error(run))
+            return _Outcome.ERROR
         await writer.send(self._thought(run, thought_id, position))
+        await self._emit_steps(run, writer)
         tool = run.behaviour.agent_tool
         if tool:
             tool_input = json.dumps({tool: {}})
@@ -1185,21 +1619,26 @@ class FakeDify:
         if outcome not in (_Outcome.DONE, _Outcome.STOPPED):
             return outcome
         await writer.send(self._thought(run, thought_id, position, thought=run.sent))
-        await self._moderate(run, writer)
-        await writer.send(self._message_end(run))
+        if run.behaviour.replace_after is None:
+            await self._moderate(run, writer)
+        usage = self._stopped_usage(run) if outcome == _Outcome.STOPPED else None
+        await writer.send(self._message_end(run, usage=usage))
         return outcome
 
     # workflow events ------------------------------------------------------------------------------------
 
     def _node(self, run: _Run, node_id: str) -> dict[str, Any]:
+        review = run.form.node if run.form is not None else run.app.human_input
         nodes = {
             "start": ("start", "Start", 1, None),
             "llm": ("llm", "LLM", 2, "start"),
             "answer": ("answer", "Answer", 3, "llm"),
             "end": ("end", "End", 3, "llm"),
         }
+        if review is not None:
+            nodes[review.node_id] = ("human-input", review.title, 2, "start")
         node_type, title, index, predecessor = nodes[node_id]
-        return {
+        node = {
             "id": str(uuid.uuid5(_ID_NAMESPACE, f"{run.task_id}:{node_id}")),
             "node_id": node_id,
             "node_type": node_type,
@@ -1207,6 +1646,9 @@ class FakeDify:
             "index": index,
             "predecessor_node_id": predecessor,
         }
+        if run.dialect.is_1x:  # 1.x numbers every node 1 and names no predecessor (101)
+            node |= {"index": 1, "predecessor_node_id": None}
+        return node
 
     _PARALLEL: ClassVar[dict[str, None]] = {
         "parallel_id": None,
@@ -1219,7 +1661,11 @@ class FakeDify:
     def _workflow_event(self, run: _Run, event: str, data: dict[str, Any]) -> dict[str, Any]:
         return self._chunk(run, event, task_id=run.task_id, workflow_run_id=self._workflow_run_id(run), data=data)
 
-    def _workflow_started(self, run: _Run) -> dict[str, Any]:
+    def _workflow_started(self, run: _Run, *, reason: str = "initial") -> dict[str, Any]:
+        if run.dialect.is_1x:
+            data = {"id": self._workflow_run_id(run), "workflow_id": run.app.workflow_id,
+                    "inputs": self._sys_inputs(run), "created_at": int(time.time()), "reason": reason}  # fmt: skip
+            return self._workflow_event(run, "workflow_started", data)
         data = {
             "id": self._workflow_run_id(run),
             "workflow_id": run.app.workflow_id,
@@ -1230,45 +1676,86 @@ class FakeDify:
         return self._workflow_event(run, "workflow_started", data)
 
     def _node_started(self, run: _Run, node_id: str) -> dict[str, Any]:
-        data = self._node(run, node_id) | {"inputs": None, "created_at": int(time.time()), "extras": {}}
+        now = int(time.time())
+        run.node_log.append({"node_id": node_id, "status": "running", "created_at": now, "finished_at": now})
+        if run.dialect.is_1x:
+            data = self._node(run, node_id) | {"inputs": None, "inputs_truncated": False, "created_at": now,
+                                               "extras": {}, "iteration_id": None, "loop_id": None,
+                                               "agent_strategy": None}  # fmt: skip
+            return self._workflow_event(run, "node_started", data)
+        data = self._node(run, node_id) | {"inputs": None, "created_at": now, "extras": {}}
         return self._workflow_event(run, "node_started", data | self._PARALLEL | {"parallel_run_id": None})
 
-    def _node_finished(self, run: _Run, node_id: str, *, failed: bool = False) -> dict[str, Any]:
+    def _node_finished(
+        self, run: _Run, node_id: str, *, failed: bool = False, outputs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         inputs: dict[str, Any] | None = None
         process_data: dict[str, Any] | None = None
-        outputs: dict[str, Any] | None = None
         metadata: dict[str, Any] | None = None
+        is_1x = run.dialect.is_1x
+        failure = UPSTREAM_FAILURES[run.app.version]
         if node_id == "start":
-            inputs = outputs = self._sys_inputs(run)
+            inputs = outputs = self._start_inputs(run)
+        elif node_id == "llm" and failed and is_1x:  # 105: the provider was named, nothing else happened
+            inputs = {"model_provider": "dingdifyd/fakellm/fakellm", "model_name": "fake-gpt"}
         elif node_id == "llm":
+            provider = "dingdifyd/fakellm/fakellm" if is_1x else "openai_api_compatible"
+            inputs = {"model_provider": provider, "model_name": "fake-gpt"} if is_1x else None
             process_data = {
                 "model_mode": "chat",
                 "prompts": [
                     {"role": "system", "text": "You are a test assistant.", "files": []},
                     {"role": "user", "text": run.query, "files": []},
                 ],
-                "model_provider": "openai_api_compatible",
+                "model_provider": provider,
                 "model_name": "fake-gpt",
             }
             if not failed:
                 usage = run.usage()
-                outputs = {"text": run.sent, "usage": usage, "finish_reason": "stop"}
+                if is_1x:
+                    usage = usage | {"time_to_first_token": 0.05, "time_to_generate": round(run.elapsed(), 3)}
+                    process_data = {"model_mode": "chat", "prompts": process_data["prompts"], "usage": usage,
+                                    "finish_reason": "stop", "model_provider": provider, "model_name": "fake-gpt"}
+                    reasoning = REASONING if run.behaviour.think and self._separates_reasoning(run) else ""
+                    outputs = {"text": run.sent, "reasoning_content": reasoning, "usage": usage,
+                               "finish_reason": "stop"}  # fmt: skip
+                else:
+                    outputs = {"text": run.sent, "usage": usage, "finish_reason": "stop"}
                 metadata = {
                     "total_tokens": usage["total_tokens"],
                     "total_price": "0.0000000",
                     "currency": "USD",
                 }
         elif node_id == "answer":
-            outputs = {"answer": run.sent, "files": []}
+            inputs = {} if is_1x else None
+            outputs = outputs if outputs is not None else {"answer": run.sent, "files": []}
         elif node_id == "end":
-            inputs = outputs = self._workflow_outputs(run)
+            inputs = outputs = outputs if outputs is not None else self._workflow_outputs(run)
+        elif outputs is not None:  # the human input node, once answered
+            inputs = {name: {"value_type": "string", "value": value} for name, value in outputs.items()
+                      if not name.startswith("__") and isinstance(value, str)}  # fmt: skip
         now = int(time.time())
+        status = "failed" if failed else "succeeded"
+        for entry in reversed(run.node_log):
+            if entry["node_id"] == node_id:
+                entry.update(status=status, finished_at=now)
+                break
+        if is_1x:
+            data = self._node(run, node_id) | {
+                "inputs": inputs if inputs is not None else {}, "inputs_truncated": False,
+                "process_data": process_data if process_data is not None else {}, "process_data_truncated": False,
+                "outputs": outputs if outputs is not None else {}, "outputs_truncated": False, "status": status,
+                "error": failure if failed else None, "elapsed_time": round(run.elapsed(), 6),
+                "execution_metadata": metadata, "created_at": now, "finished_at": now, "files": [],
+                "iteration_id": None, "loop_id": None,
+            }  # fmt: skip
+            return self._workflow_event(run, "node_finished", data)
         data = self._node(run, node_id) | {
             "inputs": inputs,
             "process_data": process_data,
             "outputs": outputs,
-            "status": "failed" if failed else "succeeded",
-            "error": UPSTREAM_FAILURE if failed else None,
+            "status": status,
+            "error": failure if failed else None,
             "elapsed_time": round(run.elapsed(), 6),
             "execution_metadata": metadata,
             "created_at": now,
@@ -1277,11 +1764,31 @@ class FakeDify:
         }
         return self._workflow_event(run, "node_finished", data | self._PARALLEL)
 
+    def _start_inputs(self, run: _Run) -> dict[str, Any]:
+        if run.dialect.is_1x:  # 1.x's start node shows the user inputs only (101, 60)
+            return dict(run.inputs)
+        return self._sys_inputs(run)
+
     def _workflow_finished(
-        self, run: _Run, status: str, outputs: dict[str, Any] | None, error: str | None
-    ) -> dict[str, Any]:
-        self._finish_workflow_run(run, status, outputs, error)
+        self, run: _Run, status: str, outputs: dict[str, Any] | None, error: str | None,
+        *, record: tuple[str, dict[str, Any] | None, str | None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The event; `record` is what the run record says instead (1.16.1's resumed workflows, 66b)."""
+        self._finish_workflow_run(run, *(record or (status, outputs, error)))
         succeeded = status == "succeeded"
+        if run.dialect.is_1x:
+            files = outputs.get("files", []) if isinstance(outputs, dict) and run.app.mode == "advanced-chat" else []
+            if run.app.mode == "workflow" and isinstance(outputs, dict):
+                files = [f for f in outputs.get("files", []) if isinstance(f, dict)]
+            data = {
+                "id": self._workflow_run_id(run), "workflow_id": run.app.workflow_id, "status": status,
+                "outputs": outputs, "error": error, "elapsed_time": run.elapsed(),
+                "total_tokens": run.usage()["total_tokens"] if succeeded else 0, "total_steps": 3 if succeeded else 2,
+                "created_by": {"id": self._end_user_id(run.app, run.user), "user": run.user},
+                "created_at": run.created_at, "finished_at": int(time.time()),
+                "exceptions_count": 1 if status == "failed" else 0, "files": files,
+            }  # fmt: skip
+            return self._workflow_event(run, "workflow_finished", data)
         data = {
             "id": self._workflow_run_id(run),
             "workflow_id": run.app.workflow_id,
@@ -1304,22 +1811,30 @@ class FakeDify:
         await writer.send(self._workflow_started(run))
         await writer.send(self._node_started(run, "start"))
         await writer.send(self._node_finished(run, "start"))
-        await writer.send(self._node_started(run, "llm"))
+        if run.app.human_input is None:
+            await writer.send(self._node_started(run, "llm"))
 
     async def _emit_chatflow(self, run: _Run, writer: _EventWriter) -> str:
-        """workflow_started, nodes, message×N, nodes, workflow_finished, message_end."""
+        """workflow_started, nodes, message×N, nodes, then message_end and workflow_finished (0.15.3: the other
+        way round); a 1.x human input node pauses the run instead."""
         await self._workflow_prelude(run, writer)
+        if run.app.human_input is not None:
+            return await self._pause_at_form(run, writer)
+        await self._emit_steps(run, writer)
         outcome = await self._stream_tokens(run, writer, lambda token: self._message(run, token))
+        is_1x = run.dialect.is_1x
         if outcome == _Outcome.ERROR:
             await writer.send(self._node_finished(run, "llm", failed=True))
-            await writer.send(self._workflow_finished(run, "failed", None, UPSTREAM_FAILURE))
-            await writer.send(self._upstream_error(run, code="invalid_param", prefix="Run failed: "))
+            failure = UPSTREAM_FAILURES[run.app.version]
+            await writer.send(self._workflow_finished(run, "failed", {} if is_1x else None, failure))
+            if not is_1x:  # 1.x sends no error event after a failed chatflow (105)
+                await writer.send(self._upstream_error(run, code="invalid_param", prefix="Run failed: "))
             return outcome
         if outcome == _Outcome.STOPPED:
-            await writer.send(self._workflow_finished(run, "stopped", None, "Stopped by user."))
-            zero = dict.fromkeys(("prompt_tokens", "completion_tokens", "total_tokens"), 0)
-            usage = run.usage() | zero | {"latency": 0.0}
-            await writer.send(self._message_end(run, usage=usage))
+            stopped = STOPPED_BY_USER[run.app.version]
+            await writer.send(self._workflow_finished(run, "stopped", {} if is_1x else None, stopped))
+            if not is_1x:  # 1.x ends a stopped chatflow without message_end (36, 108)
+                await writer.send(self._message_end(run, usage=self._stopped_usage(run)))
             return outcome
         if outcome != _Outcome.DONE:
             return outcome
@@ -1328,15 +1843,26 @@ class FakeDify:
         await writer.send(self._node_finished(run, "answer"))
         if run.behaviour.message_file:
             await writer.send(self._message_file(run))
-        await writer.send(self._workflow_finished(run, "succeeded", {"answer": run.sent}, None))
-        await self._moderate(run, writer)
-        await writer.send(self._message_end(run))
+        if run.behaviour.replace_after is None:
+            await self._moderate(run, writer)
+        outputs: dict[str, Any] = {"answer": run.sent, "files": []}
+        if is_1x and run.behaviour.answer_file:
+            outputs["files"] = [self._answer_file_object(run)]
+        if is_1x:  # message_end first (20, 101)
+            await writer.send(self._message_end(run))
+            await writer.send(self._workflow_finished(run, "succeeded", outputs, None))
+        else:
+            await writer.send(self._workflow_finished(run, "succeeded", {"answer": run.sent}, None))
+            await writer.send(self._message_end(run))
         return outcome
 
     async def _emit_workflow(self, run: _Run, writer: _EventWriter) -> str:
         """workflow_started, nodes, text_chunk×N (if the End node streams), nodes, workflow_finished."""
         await self._workflow_prelude(run, writer)
-
+        if run.app.human_input is not None:
+            return await self._pause_at_form(run, writer)
+        await self._emit_steps(run, writer)
+        is_1x = run.dialect.is_1x
         if run.behaviour.workflow_streams_text:
             outcome = await self._stream_tokens(run, writer, lambda token: self._text_chunk(run, token))
         else:
@@ -1345,23 +1871,272 @@ class FakeDify:
                 run.sent, run.tokens_sent = run.answer, len(split_tokens(run.answer))
         if outcome == _Outcome.ERROR:
             await writer.send(self._node_finished(run, "llm", failed=True))
-            await writer.send(self._workflow_finished(run, "failed", None, UPSTREAM_FAILURE))
+            failure = UPSTREAM_FAILURES[run.app.version]
+            await writer.send(self._workflow_finished(run, "failed", {} if is_1x else None, failure))
             return outcome
         if outcome == _Outcome.STOPPED:
-            await writer.send(self._workflow_finished(run, "stopped", None, "Stopped by user."))
+            stopped = STOPPED_BY_USER[run.app.version]
+            await writer.send(self._workflow_finished(run, "stopped", {} if is_1x else None, stopped))
             return outcome
         if outcome != _Outcome.DONE:
             return outcome
         await writer.send(self._node_finished(run, "llm"))
         await writer.send(self._node_started(run, "end"))
-        await self._moderate(run, writer)
+        if run.behaviour.replace_after is None:
+            await self._moderate(run, writer)
         await writer.send(self._node_finished(run, "end"))
         await writer.send(self._workflow_finished(run, "succeeded", self._workflow_outputs(run), None))
         return outcome
 
-    def _text_chunk(self, run: _Run, token: str) -> dict[str, Any]:
-        data = {"text": token, "from_variable_selector": ["llm", "text"]}
+    def _text_chunk(self, run: _Run, token: str, selector: list[str] | None = None) -> dict[str, Any]:
+        data = {"text": token, "from_variable_selector": selector or ["llm", "text"]}
         return self._chunk(run, "text_chunk", task_id=run.task_id, data=data)
+
+    # --- human input (1.x) ----------------------------------------------------------------------------------
+
+    def _open_form(self, run: _Run) -> FakeForm:
+        node = run.app.human_input
+        assert node is not None and run.workflow_run is not None
+        form = FakeForm(node=node, run_id=run.workflow_run.id, app_key=run.app.api_key, query=run.query)
+        self.forms[form.token or form.form_id] = form
+        run.form = form
+        run.workflow_run.status = "paused"
+        run.workflow_run.forms.append(form)
+        self._paused[run.workflow_run.id] = run
+        self._runs_by_id[run.workflow_run.id] = run
+        return form
+
+    def _paused_event(self, run: _Run, form: FakeForm) -> dict[str, Any]:
+        data = {"workflow_run_id": self._workflow_run_id(run), "paused_nodes": [form.node.node_id], "outputs": {},
+                "reasons": [form.reason()], "status": "paused", "created_at": run.created_at,
+                "elapsed_time": run.elapsed(), "total_tokens": 0, "total_steps": 2}  # fmt: skip
+        return self._workflow_event(run, "workflow_paused", data)
+
+    async def _pause_at_form(self, run: _Run, writer: _EventWriter) -> str:
+        """60, 70: the node starts, asks for its form, the run pauses, and the stream closes."""
+        assert run.app.human_input is not None
+        await writer.send(self._node_started(run, run.app.human_input.node_id))
+        form = self._open_form(run)
+        await writer.send(self._workflow_event(run, "human_input_required", form.event_data()))
+        await writer.send(self._paused_event(run, form))
+        return _Outcome.PAUSED
+
+    async def _resume(self, run: _Run, form: FakeForm) -> None:
+        """The answered form resumes its run: the events go to whoever listens on the run's events route (62,
+        66d, 72). The same task, message and conversation; the human node runs again with the answer."""
+        await asyncio.sleep(0)  # after the submission's 200 went out, as Dify's queued resume task would
+        wf = run.workflow_run
+        assert wf is not None
+        self._paused.pop(wf.id, None)
+        wf.status = "running"
+        run.resumed = True
+        writer = _EventWriter(None, run.dialect, lambda obj: self._publish(wf.id, obj))
+        node = form.node.node_id
+        await writer.send(self._workflow_started(run, reason="resumption"))
+        if run.app.mode == "workflow" and run.behaviour.resume_bug:
+            # 1.16.1: the stop flag and abort command the pause left in Redis end the resumed run (62, 66b)
+            record = ("stopped", form.workflow_outputs(), "Aborted: App task was stopped")
+            await writer.send(self._workflow_finished(run, "stopped", {}, "Stopped by user.", record=record))
+            return
+        await writer.send(self._node_started(run, node))
+        if run.app.mode == "advanced-chat":
+            for text, selector in form.answer_pieces():
+                await writer.send(self._message(run, text, selector))
+                run.sent += text
+                await self._pause(run, run.token_delay)
+        else:
+            outputs = form.workflow_outputs()
+            pieces = [(str(value), [node if key != "query" else "start", key]) for key, value in outputs.items()]
+            for position, (text, selector) in enumerate(pieces):
+                if position:
+                    await writer.send(self._text_chunk(run, "\n", ["end", "answer"]))
+                await writer.send(self._text_chunk(run, text, selector))
+                await self._pause(run, run.token_delay)
+            run.sent = "\n".join(text for text, _ in pieces)
+        await writer.send(self._node_finished(run, node, outputs=form.outputs()))
+        if run.app.mode == "advanced-chat":
+            await writer.send(self._node_started(run, "answer"))
+            await writer.send(self._node_finished(run, "answer", outputs={"answer": run.sent, "files": []}))
+            await writer.send(self._message_end(run))
+            await writer.send(self._workflow_finished(run, "succeeded", {"answer": run.sent, "files": []}, None))
+            self._finish_conversation(run)
+        else:
+            await writer.send(self._node_started(run, "end"))
+            await writer.send(self._node_finished(run, "end", outputs=form.workflow_outputs()))
+            await writer.send(self._workflow_finished(run, "succeeded", form.workflow_outputs(), None))
+
+    async def _form_get(self, request: web.Request) -> web.Response:
+        self._record(request, self._app_of(request), None)
+        app = self._authenticate(request)
+        form = self._form_of(request, app)
+        return app.dialect.form_body(form.definition())
+
+    async def _form_submit(self, request: web.Request) -> web.Response:
+        body = await self._read_json(request)
+        self._record(request, self._app_of(request), body)
+        app = self._authenticate(request)
+        user = self._require_user(body)
+        inputs, action_id = body.get("inputs"), body.get("action")
+        if not isinstance(inputs, dict) or not isinstance(action_id, str):
+            raise DifyHTTPError(400, "invalid_param", "Invalid request: inputs (object) and action (string)")
+        form = self._form_of(request, app)
+        refusal = form.refusal(action_id, inputs)
+        if refusal is not None:
+            raise DifyHTTPError(400, "invalid_form_data", refusal)
+        form.status, form.action_id, form.data, form.submitted_by = "submitted", action_id, dict(inputs), user
+        self.form_submissions.append({"token": form.token, "action": action_id, "inputs": dict(inputs), "user": user})
+        run = self._paused.get(form.run_id)
+        if run is not None:
+            task = asyncio.create_task(self._resume(run, form), name=f"fake-dify-resume-{form.run_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return app.dialect.restx_body({})
+
+    def _form_of(self, request: web.Request, app: FakeApp) -> FakeForm:
+        """The form a token names, if it is this app's and still open: else Dify's 404 or 412 (61b, 65b, 69b)."""
+        if not app.dialect.is_1x:
+            raise web.HTTPNotFound()
+        form = self.forms.get(request.match_info["token"])
+        if form is None or form.token is None or form.app_key != app.api_key:
+            # flask-restx hints at the routes whose URLs look alike: for a real token only this one (61b, 61c)
+            hint = "/v1/form/human_input/<string:form_token>"
+            if form is None:
+                hint += " or /api/form/human_input/<string:form_token>/upload-token"
+            raise DifyHTTPError(404, "not_found", app.dialect.with_route_hint("Form not found", request.path, hint))
+        if form.status == "submitted":
+            message = f"This form has already been submitted by another user, form_id={form.form_id}"
+            raise DifyHTTPError(412, "human_input_form_submitted", message)
+        if form.expired:
+            raise DifyHTTPError(412, "human_input_form_expired", f"This form has expired, form_id={form.form_id}")
+        return form
+
+    # --- the run events route (1.x) -------------------------------------------------------------------------
+
+    def _publish(self, run_id: str, obj: dict[str, Any]) -> None:
+        for subscription in self._subscribers.get(run_id, ()):
+            subscription.queue.put_nowait(obj)
+
+    async def _wait_subscriber(self, run_id: str, seconds: float) -> None:
+        joined = self._joined.setdefault(run_id, asyncio.Event())
+        if not self._subscribers.get(run_id):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await joined.wait()
+
+    async def _run_events(self, request: web.Request) -> web.StreamResponse:
+        app = self._app_of(request)
+        self._record(request, app, None)
+        app = self._authenticate(request)
+        if not app.dialect.is_1x:
+            raise web.HTTPNotFound()  # 0.x has no such route
+        forced = self._behaviour_for(app).events_route_status
+        if forced is not None:  # a proxy that does not pass the route on, or a Dify that refuses it
+            code = "not_found" if forced == 404 else "bad_request"
+            raise DifyHTTPError(forced, code, "The requested URL was not found on the server." if forced == 404
+                                else "The browser (or proxy) sent a request that this server could not understand.")
+        user = request.query.get("user")
+        if not user:
+            raise DifyHTTPError(400, "invalid_param", "Arg user must be provided.")  # 62d
+        if app.mode not in WORKFLOW_MODES:
+            raise DifyHTTPError(400, "not_workflow_app", _ROUTE_MISMATCH)
+        record = self.workflow_runs.get(request.match_info["run_id"])
+        if record is None or record.app != app.name or record.user != user:
+            raise DifyHTTPError(404, "not_found", "Workflow run not found")  # 62b, 62c
+        headers = app.dialect.stream_headers(events_route=True)
+        if record.finished_at is not None:  # 66, 76: the run's end alone, in plain json.dumps, and close
+            response = web.StreamResponse(headers=headers)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            with contextlib.suppress(ConnectionError):
+                await response.write(f"data: {json.dumps(self._finished_payload(app, record))}\n\n".encode())
+                await response.write_eof()
+            return response
+        subscription = _Subscription(continue_on_pause=request.query.get("continue_on_pause") == "true")
+        self._subscribers.setdefault(record.id, []).append(subscription)
+        self._joined.setdefault(record.id, asyncio.Event()).set()
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        try:
+            await response.prepare(request)
+            await response.write(b"event: ping\n\n")
+            run = self._runs_by_id.get(record.id)
+            if request.query.get("include_state_snapshot") == "true" and run is not None:
+                for obj in self._snapshot(run):
+                    await response.write(app.dialect.chunk(obj))
+                if record.status == "paused" and not subscription.continue_on_pause:
+                    return response  # 60c, 70b: the snapshot ends with the pause, and so does the stream
+            await self._relay(request, response, app, subscription)
+        except ConnectionError:
+            log.debug("fake Dify: an events route client went away")
+        finally:
+            self._subscribers[record.id].remove(subscription)
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+
+    async def _relay(
+        self, request: web.Request, response: web.StreamResponse, app: FakeApp, subscription: _Subscription
+    ) -> None:
+        """The run's events as they happen, with a ping every interval, up to its end or pause."""
+        while not self._closing.is_set():
+            try:
+                async with asyncio.timeout(self.ping_interval):
+                    obj = await subscription.queue.get()
+            except TimeoutError:
+                await response.write(b"event: ping\n\n")
+                continue
+            await response.write(app.dialect.chunk(obj))
+            ended = obj.get("event") in ("workflow_finished", "workflow_paused")
+            if ended and not subscription.continue_on_pause:
+                return
+        # (continue_on_pause: the stream stays open with pings after the end, 67b, until the client leaves)
+
+    def _finished_payload(self, app: FakeApp, record: WorkflowRun) -> dict[str, Any]:
+        """WorkflowResponseConverter.workflow_run_result_to_finish_response: task_id is the run id (66, 76)."""
+        return {"event": "workflow_finished", "task_id": record.id, "workflow_run_id": record.id, "data": {
+            "id": record.id, "workflow_id": record.workflow_id, "status": record.status,
+            "outputs": record.outputs if record.outputs is not None else {}, "error": record.error,
+            "elapsed_time": record.elapsed_time, "total_tokens": record.total_tokens,
+            "total_steps": record.total_steps,
+            "created_by": {"id": self._end_user_id(app, record.user), "user": record.user},
+            "created_at": record.created_at, "finished_at": record.finished_at, "exceptions_count": 0,
+            "files": [],
+        }}  # fmt: skip
+
+    def _snapshot(self, run: _Run) -> list[dict[str, Any]]:
+        """`include_state_snapshot=true`: the run so far from Dify's records (60c, 70b), in their key order."""
+        wf = run.workflow_run
+        assert wf is not None
+        context = {}
+        if run.app.mode == "advanced-chat":
+            context = {"conversation_id": run.conversation_id, "message_id": run.message_id,
+                       "created_at": run.created_at}  # fmt: skip
+        head = {"task_id": run.task_id, "workflow_run_id": wf.id}
+        inputs = _with_timestamp(wf) if run.app.mode == "workflow" else wf.inputs
+        events = [{"event": "workflow_started", **head,
+                   "data": {"id": wf.id, "workflow_id": wf.workflow_id, "inputs": inputs,
+                            "created_at": wf.created_at, "reason": "initial"}} | context]  # fmt: skip
+        if run.app.mode == "advanced-chat":
+            events.append({"event": "message_replace", "task_id": run.task_id, "answer": "", "reason": ""} | context)
+        paused_node = run.form.node.node_id if run.form is not None and wf.status == "paused" else None
+        for entry in run.node_log:
+            node = self._node(run, entry["node_id"])
+            started = {**node, "inputs": None, "created_at": entry["created_at"], "extras": {},
+                       "iteration_id": None, "loop_id": None}  # fmt: skip
+            events.append({"event": "node_started", **head, "data": started} | context)
+            status = "paused" if entry["node_id"] == paused_node else entry["status"]
+            if status == "running":
+                continue
+            finished = {**node, "inputs": None, "process_data": None, "outputs": None, "status": status,
+                        "error": None, "elapsed_time": 0.0, "execution_metadata": None,
+                        "created_at": entry["created_at"], "finished_at": entry["finished_at"], "files": [],
+                        "iteration_id": None, "loop_id": None}  # fmt: skip
+            events.append({"event": "node_finished", **head, "data": finished} | context)
+        if paused_node is not None and run.form is not None:
+            events.append({"event": "human_input_required", **head, "data": run.form.event_data()} | context)
+            paused = self._paused_event(run, run.form)
+            events.append({"event": "workflow_paused", **head, "data": paused["data"]} | context)
+        return events
 
     # --- suggested questions after an answer ----------------------------------------------------------------
 
@@ -1379,13 +2154,14 @@ class FakeDify:
         if app.mode not in CHAT_MODES:
             raise DifyHTTPError(400, "not_chat_app", _ROUTE_MISMATCH)
         if app.api_key not in self._suggested:
-            # 0.15.x reports a switched-off feature like this (1.x: "Suggested Questions Is Disabled.")
-            raise DifyHTTPError(400, "bad_request", "Message Not Exists.")
+            # 0.15.x reports a switched-off feature like this; 1.x says what it is (48)
+            message = "Suggested Questions Is Disabled." if app.dialect.is_1x else "Message Not Exists."
+            raise DifyHTTPError(400, "bad_request", message)
         questions, delay = self._suggested[app.api_key]
         if delay > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
-        return _json_body({"result": "success", "data": questions})
+        return app.dialect.restx_body({"result": "success", "data": questions})
 
     # --- files apps make (tools, workflow outputs) ----------------------------------------------------------
 
@@ -1411,7 +2187,27 @@ class FakeDify:
 
 
 _ROUTE_MISMATCH = "Please check if your app mode matches the right API route."
+_PAYLOAD_MODELS = {  # 1.x's pydantic models of the generation routes (the chat one is recorded, 31)
+    "chat": "ChatRequestPayload",
+    "completion": "CompletionRequestPayload",
+    "workflow": "WorkflowRunPayload",
+}
 _WORKFLOW_MISMATCH = "Please check if your Workflow app mode matches the right API route."
+
+
+def _with_timestamp(record: WorkflowRun) -> dict[str, Any]:
+    """A run's inputs as 1.x stores them: `sys.timestamp` after `sys.app_id` (84, 60c)."""
+    inputs: dict[str, Any] = {}
+    for name, value in record.inputs.items():
+        inputs[name] = value
+        if name == "sys.app_id":
+            inputs["sys.timestamp"] = record.created_at
+    return inputs
+
+
+def _not_workflow_app(dialect: Dialect) -> DifyHTTPError:
+    """0.15.3 names the Workflow app in the message; 1.16.1 says what it says for chat apps (88b)."""
+    return DifyHTTPError(400, "not_workflow_app", _ROUTE_MISMATCH if dialect.is_1x else _WORKFLOW_MISMATCH)
 _APP_UNAVAILABLE = "App unavailable, please check your app configurations."
 
 
@@ -1424,7 +2220,7 @@ async def start_fake_dify(
     **options: Any,
 ) -> FakeDify:
     """Start a fake Dify on loopback and return it (`.base_url`, controls, `await .close()`)."""
-    fake = FakeDify(ping_interval=ping_interval, **options)
+    fake = FakeDify(ping_interval=ping_interval, **options)  # version=... among the options
     if default_apps:
         fake.add_default_apps()
     await fake.start(host, port)

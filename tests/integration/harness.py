@@ -19,9 +19,9 @@ CLIENT_SECRET = "dt-secret-NEVER-LOGGED-1234567890"
 TEMPLATE = "tpl-bridge.schema"
 
 
-def echo(query: str) -> str:
-    """The fake Dify's default answer to `query`."""
-    return f"Echo: {query} | {ANSWER_TAIL}"
+def echo(query: str, dify: FakeDify | None = None) -> str:
+    """The fake Dify's default answer to `query` (its model's words differ with the version)."""
+    return f"Echo: {query} | {dify.answer_tail if dify is not None else ANSWER_TAIL}"
 
 
 def dify_key(app_type: str) -> str:

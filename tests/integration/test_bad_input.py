@@ -18,6 +18,7 @@ from aiohttp import web
 from dingdifyd.bridge import intake
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
+from dingdifyd.simulator.dify_dialect import VERSIONS
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import CHATBOT_TOPIC, FakeCard, FakeDingTalk
 from tests.integration.harness import CLIENT_ID, dify_key, running_bot, write_config
@@ -28,9 +29,9 @@ FRAME_CASES = 120
 SSE_CASES = 20
 
 
-@pytest.fixture
-async def dify() -> AsyncIterator[FakeDify]:
-    fake = await start_fake_dify(default_apps=True)
+@pytest.fixture(params=VERSIONS, ids=lambda version: f"dify-{version}")
+async def dify(request: pytest.FixtureRequest) -> AsyncIterator[FakeDify]:
+    fake = await start_fake_dify(default_apps=True, version=request.param)
     fake.configure(dify_key("chatbot"), token_delay=0.001)
     yield fake
     await fake.close()

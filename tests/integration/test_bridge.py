@@ -1,5 +1,6 @@
 """The whole bridge, end to end: a message pushed by the fake DingTalk over the real SDK's WebSocket, answered by the
-fake Dify over HTTP/SSE, streamed into a card on the fake DingTalk. Nothing of ours is mocked."""
+fake Dify over HTTP/SSE, streamed into a card on the fake DingTalk. Nothing of ours is mocked. Every test runs
+against a Dify 0.15.3 and a Dify 1.16.1."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
 from tests.integration.harness import (
     CLIENT_ID,
@@ -23,6 +23,12 @@ from tests.integration.harness import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def dify(any_dify):
+    """Each test of this module against each Dify version."""
+    return any_dify
 
 
 async def ask(dingtalk: FakeDingTalk, text: str, **kwargs) -> FakeCard:
@@ -39,13 +45,13 @@ async def test_one_to_one_answer_streams_into_a_card(tmp_path, dingtalk, dify):
     dify.next_request(dify_key("chatbot"), token_delay=0.03)
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         card = await ask(dingtalk, "hello there", sender_staff_id="staff42", sender_nick="Zhang San")
-    assert card.final_content == echo("hello there")
+    assert card.final_content == echo("hello there", dify)
     assert not card.failed
     assert card.template_id == "tpl-bridge.schema"
     assert card.create_body["openSpaceId"] == "dtv1.card//IM_ROBOT.staff42"
     # typewriter: the text grew over several updates, each the full text so far
     assert len(card.contents) >= 2
-    assert all(echo("hello there").startswith(c) for c in card.contents)
+    assert all(echo("hello there", dify).startswith(c) for c in card.contents)
     (request,) = dify.requests_to("/chat-messages")
     assert request.json["user"] == "dingtalk:dingcorp001:staff42"
     assert "Zhang" not in str(request.json)
@@ -55,7 +61,7 @@ async def test_one_to_one_answer_streams_into_a_card(tmp_path, dingtalk, dify):
 async def test_group_message_answers_in_the_group(tmp_path, dingtalk, dify):
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         card = await ask(dingtalk, "what is up", group=True, conversation_id="cidTEAM==")
-    assert card.final_content == echo("what is up")  # the @mention's leading space is gone
+    assert card.final_content == echo("what is up", dify)  # the @mention's leading space is gone
     assert card.create_body["openSpaceId"] == "dtv1.card//IM_GROUP.cidTEAM=="
     assert card.create_body["imGroupOpenDeliverModel"] == {"robotCode": CLIENT_ID}
 
@@ -79,7 +85,7 @@ async def test_every_app_type_answers(tmp_path, dingtalk, dify, app_type):
         card = await ask(dingtalk, "types")
     assert not card.failed
     assert "types" in card.final_content
-    assert ANSWER_TAIL in card.final_content
+    assert dify.answer_tail in card.final_content
 
 
 async def test_workflow_without_streamed_text_answers_from_its_outputs(tmp_path, dingtalk, dify):
@@ -124,7 +130,7 @@ async def test_dify_failures_end_the_card_with_a_clear_error_and_the_bot_keeps_s
     assert failed.failed
     assert visible in failed.final_content
     assert "Traceback" not in failed.final_content
-    assert after.final_content == echo("this works")
+    assert after.final_content == echo("this works", dify)
     assert not after.failed
 
 
@@ -143,7 +149,7 @@ async def test_a_conversation_gone_on_the_dify_side_is_started_afresh(tmp_path, 
         await ask(dingtalk, "one", sender_staff_id="u3")
         dify.conversations.clear()  # deleted in Dify, or expired there first
         card = await ask(dingtalk, "two", sender_staff_id="u3")
-    assert card.final_content == echo("two")
+    assert card.final_content == echo("two", dify)
     requests = dify.requests_to("/chat-messages")
     assert len(requests) == 3  # one, two (404), two again without the stale id
     assert "conversation_id" in requests[1].json
@@ -168,7 +174,7 @@ async def test_builtin_card_template_when_none_is_configured(tmp_path, dingtalk,
         card = await ask(dingtalk, "builtin")
     assert card.template_id == "382e4302-551d-4880-bf29-a30acfab2e71.schema"
     assert card.flow_status == "3"
-    assert card.final_content == echo("builtin")
+    assert card.final_content == echo("builtin", dify)
 
 
 async def test_card_creation_refused_falls_back_to_a_markdown_reply(tmp_path, dingtalk, dify):
@@ -177,7 +183,7 @@ async def test_card_creation_refused_falls_back_to_a_markdown_reply(tmp_path, di
         dingtalk.push_message(CLIENT_ID, dingtalk.make_text_message("no card please"))
         (reply,) = await dingtalk.wait_webhook_replies(1, timeout=20)
     assert reply.msgtype == "markdown"
-    assert echo("no card please") in reply.text
+    assert echo("no card please", dify) in reply.text
 
 
 async def test_no_secret_and_no_message_text_in_the_logs(tmp_path, dingtalk, dify, caplog):
@@ -191,5 +197,5 @@ async def test_no_secret_and_no_message_text_in_the_logs(tmp_path, dingtalk, dif
         assert token not in everything
     info_and_above = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
     assert "private question" not in info_and_above
-    assert ANSWER_TAIL not in info_and_above
+    assert dify.answer_tail not in info_and_above
     assert "message" in info_and_above  # the lifecycle is still logged, by id

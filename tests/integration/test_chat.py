@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from dingdifyd.chat import PROMPT
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify, start_fake_dify
+from dingdifyd.simulator.dify_dialect import VERSIONS
+from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
 from tests.integration.harness import bot_entry, dify_key, write_config
 
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.timeout(60)
 WAIT = 30.0
 
 
-@pytest.fixture
-async def dify() -> AsyncIterator[FakeDify]:
-    fake = await start_fake_dify(default_apps=True)
+@pytest.fixture(params=VERSIONS)
+async def dify(request: pytest.FixtureRequest) -> AsyncIterator[FakeDify]:
+    fake = await start_fake_dify(default_apps=True, version=request.param)
     fake.configure(dify_key("chatflow"), token_delay=0.002, mention_turn=True)
     yield fake
     await fake.close()
@@ -92,7 +93,7 @@ async def test_terminal_chat_streams_answers_and_keeps_context(config, dify):
     assert process.returncode == 0, err.decode()
     assert "bot> Echo: first question | Turn 1 of this conversation." in text
     assert "bot> Echo: second question | Turn 2 of this conversation." in text
-    assert text.count(ANSWER_TAIL) == 2
+    assert text.count(dify.answer_tail) == 2
     first, second = dify.requests_to("/chat-messages")
     assert "conversation_id" not in first.json
     assert dify.conversations[second.json["conversation_id"]].queries == ["first question", "second question"]
@@ -112,7 +113,7 @@ async def test_stop_typed_while_an_answer_streams_stops_it_at_once(config, dify)
     finally:
         terminal.kill()
     assert "Nothing is being answered" not in terminal.output
-    assert ANSWER_TAIL not in terminal.output  # cut short, not waited for
+    assert dify.answer_tail not in terminal.output  # cut short, not waited for
     assert any(stop.found for stop in dify.stops), "the Dify run was not stopped"
 
 

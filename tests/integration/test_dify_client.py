@@ -388,7 +388,7 @@ async def test_agent_tool_thoughts(fake: FakeDify, session: aiohttp.ClientSessio
     ("app_type", "last_events"),
     [
         ("chatbot", ["message_end"]),
-        ("chatflow", ["workflow_finished", "message_end"]),
+        ("chatflow", ["workflow_finished"]),  # stopped: its end (0.15.3's message_end after it is not read)
         ("workflow", ["workflow_finished"]),
         ("completion", ["message_end"]),
     ],

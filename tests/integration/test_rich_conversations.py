@@ -1,6 +1,6 @@
 """Rich conversations end to end, through the real SDK and the simulators: progress in the card, suggested
 questions, /new /stop /help, access lists, session scope, per-chat routes, `auto` app type and its start-up
-check, and DingTalk context in the Dify inputs. Nothing of ours is mocked."""
+check, and DingTalk context in the Dify inputs. Nothing of ours is mocked. Against a Dify 0.15.3 and a 1.16.1."""
 
 from __future__ import annotations
 
@@ -14,12 +14,20 @@ from dingdifyd import config
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import ConfigError
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify, start_fake_dify
+from dingdifyd.simulator.dify_dialect import DIFY_0_15
+from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.worker import BotRuntime
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def dify(any_dify):
+    """Each test of this module against each Dify version."""
+    return any_dify
+
 
 # the fake model's silence before its first text: long enough for the step line to show (after 0.5 s)
 PROGRESS_LATENCY = 1.0
@@ -64,7 +72,7 @@ async def test_workflow_steps_show_in_the_card_before_the_answer(tmp_path, dingt
     assert "⏳ LLM…" in card.contents
     assert card.contents.index("⏳ LLM…") < first_index(card, lambda c: c.startswith("Echo"))
     assert not any(c.startswith("⏳ Start") for c in card.contents)  # every run has one: not worth showing
-    assert card.final_content == echo("steps please")
+    assert card.final_content == echo("steps please", dify)
 
 
 async def test_progress_can_be_switched_off(tmp_path, dingtalk, dify):
@@ -73,7 +81,7 @@ async def test_progress_can_be_switched_off(tmp_path, dingtalk, dify):
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify, bots=bots)):
         card = await ask(dingtalk, "quietly")
     assert not any(c.startswith("⏳") for c in card.contents)
-    assert card.final_content == echo("quietly")
+    assert card.final_content == echo("quietly", dify)
 
 
 # --- suggested questions --------------------------------------------------------------------------------------
@@ -83,7 +91,7 @@ async def test_suggested_questions_follow_the_answer_when_the_app_offers_them(tm
     dify.enable_suggested_questions(dify_key("chatbot"), ["What else can you do?", "Why?"])
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         card = await ask(dingtalk, "hello", sender_staff_id="u7")
-    assert card.final_content.startswith(echo("hello") + "\n\n---\n")
+    assert card.final_content.startswith(echo("hello", dify) + "\n\n---\n")
     assert "- What else can you do?\n- Why?" in card.final_content
     (request,) = dify.requests_to("/suggested")
     assert request.query["user"] == "dingtalk:dingcorp001:u7"  # the answer's own user: Dify checks it
@@ -96,8 +104,8 @@ async def test_no_suggestions_asked_when_the_app_has_them_off_or_the_config_says
     config_off = write_config(tmp_path / "off.yaml", dingtalk, dify, show_suggested_questions=False)
     async with running_bot(config_off):
         off = await ask(dingtalk, "two")
-    assert plain.final_content == echo("one")
-    assert off.final_content == echo("two")
+    assert plain.final_content == echo("one", dify)
+    assert off.final_content == echo("two", dify)
     assert dify.requests_to("/suggested") == []
 
 
@@ -106,7 +114,7 @@ async def test_slow_suggestions_never_hold_the_final_answer_long(tmp_path, dingt
     config_file = write_config(tmp_path / "c.yaml", dingtalk, dify, suggested_questions_timeout=0.2)
     async with running_bot(config_file):
         card = await ask(dingtalk, "quick")
-    assert card.final_content == echo("quick")
+    assert card.final_content == echo("quick", dify)
     assert len(dify.requests_to("/suggested")) == 1
 
 
@@ -123,7 +131,7 @@ async def test_stop_ends_the_running_answer_and_stops_its_dify_task(tmp_path, di
     assert stopped.final_content.startswith("Echo:")
     assert stopped.final_content.endswith("⏹️ Stopped.")
     assert not stopped.failed
-    assert ANSWER_TAIL not in stopped.final_content  # it did not run to its end
+    assert dify.answer_tail not in stopped.final_content  # it did not run to its end
     assert "Stopped the answer" in stop_card.final_content
     (stop,) = [stop for stop in dify.stops if stop.found]  # the others: the start-up check's harmless probe
     assert stop.user == "dingtalk:dingcorp001:u1"
@@ -146,7 +154,7 @@ async def test_stop_with_nothing_running_says_so_and_touches_only_the_own_sessio
         nothing = await ask(dingtalk, "/STOP", sender_staff_id="u1")
         assert "nothing to stop" in nothing.final_content
         untouched = await dingtalk.wait_card_final(other, timeout=20)
-    assert untouched.final_content == echo("someone else's question")
+    assert untouched.final_content == echo("someone else's question", dify)
     assert not any(stop.found for stop in dify.stops)
 
 
@@ -181,8 +189,8 @@ async def test_unknown_commands_go_to_dify_and_the_prefix_is_configurable(tmp_pa
         slash = await ask(dingtalk, "/help")
         unknown = await ask(dingtalk, "!summarize this")
     assert "`!new`" in helped.final_content
-    assert slash.final_content == echo("/help")
-    assert unknown.final_content == echo("!summarize this")
+    assert slash.final_content == echo("/help", dify)
+    assert unknown.final_content == echo("!summarize this", dify)
 
 
 # --- access ---------------------------------------------------------------------------------------------------
@@ -204,8 +212,8 @@ async def test_allow_and_deny_lists_refuse_politely_through_the_webhook(tmp_path
         push(dingtalk, "sneaky", sender_staff_id="mole", group=True, conversation_id="cidTEAM==")
         replies = await dingtalk.wait_webhook_replies(3, timeout=10)
     assert refused.text == "Not for you, sorry."
-    assert allowed.final_content == echo("hi from the boss")
-    assert team.final_content == echo("hi from the team")
+    assert allowed.final_content == echo("hi from the boss", dify)
+    assert team.final_content == echo("hi from the team", dify)
     assert [r.text for r in replies] == ["Not for you, sorry."] * 3
     assert replies[1].body["at"]["atUserIds"] == ["boss"]  # in a group the refusal names who it is for
     assert len(dingtalk.cards) == 2  # refusals cost no card
@@ -246,7 +254,7 @@ async def test_a_routed_chat_uses_its_own_app_and_its_own_contexts(tmp_path, din
         await ask(dingtalk, "sales one", sender_staff_id="u1", group=True, conversation_id="cidSALES==")
         sales = await ask(dingtalk, "sales two", sender_staff_id="u1", group=True, conversation_id="cidSALES==")
         other = await ask(dingtalk, "elsewhere", sender_staff_id="u1", group=True, conversation_id="cidOTHER==")
-    assert sales.final_content == echo("sales two") and other.final_content == echo("elsewhere")
+    assert sales.final_content == echo("sales two", dify) and other.final_content == echo("elsewhere", dify)
     by_app = [(r.app, r.json["query"]) for r in dify.requests_to("/chat-messages")]
     assert by_app == [("fake-chatflow", "sales one"), ("fake-chatflow", "sales two"), ("fake-chatbot", "elsewhere")]
     # the same chat without the route: the chatbot app, and no conversation id of the chatflow app sent to it
@@ -270,7 +278,7 @@ async def test_auto_app_type_is_asked_of_dify_for_each_mode(tmp_path, dingtalk, 
         bots = [bot_entry(app_type="auto", dify_key=dify_key(app_type))]
         async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify, bots=bots)):
             card = await ask(dingtalk, "which am I")
-        assert card.final_content == echo("which am I")
+        assert card.final_content == echo("which am I", dify)
         (request,) = [r for r in dify.requests if r.path.endswith(path) and r.json and "inputs" in r.json]
         assert request.app == f"fake-{app_type}"
         assert dify.requests_to("/info")
@@ -280,7 +288,7 @@ async def test_auto_app_type_on_a_dify_without_mode_in_info(tmp_path, dingtalk, 
     bots = [bot_entry(app_type="auto", dify_key=dify_key("workflow"))]
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify, bots=bots)):
         card = await ask(dingtalk, "old dify")
-    assert card.final_content == echo("old dify")
+    assert card.final_content == echo("old dify", dify)
     assert dify.requests_to("/workflows/run")[-1].json["inputs"]["query"] == "old dify"
 
 
@@ -314,7 +322,9 @@ async def test_the_bot_process_exits_78_on_a_wrong_app_type(tmp_path, dingtalk, 
             await process.wait()
     log = stderr.decode()
     assert process.returncode == 78, log
-    assert "bots[0].dify_app_type: 'workflow', but its key belongs to a chat-route app" in log
+    # 0.15.3 cannot say which chat kind the key is; 1.x names the mode
+    kind = "chatbot app, mode chat" if dify.version != DIFY_0_15 else "chat-route app"
+    assert f"bots[0].dify_app_type: 'workflow', but its key belongs to a {kind}" in log
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -338,7 +348,7 @@ async def test_dingtalk_context_fills_the_inputs_the_app_declares(tmp_path, ding
             dingtalk, "what is our plan", sender_staff_id="staff9", sender_nick="Li Si", group=True,
             conversation_id="cidPLAN==", conversation_title="Planning",
         )  # fmt: skip
-    assert card.final_content == echo("what is our plan")  # the single text input got the message
+    assert card.final_content == echo("what is our plan", dify)  # the single text input got the message
     (request,) = dify.requests_to("/workflows/run")
     assert request.json["inputs"] == {
         "question": "what is our plan",
@@ -357,7 +367,7 @@ async def test_an_explicit_input_variable_wins_and_undeclared_context_is_not_sen
     bots = [bot_entry(app_type="completion", dify_key="app-two", dify_input_variable="b")]
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify, bots=bots)):
         card = await ask(dingtalk, "to b please")
-    assert card.final_content == echo("to b please")
+    assert card.final_content == echo("to b please", dify)
     (request,) = dify.requests_to("/completion-messages")
     assert request.json["inputs"] == {"b": "to b please"}
 

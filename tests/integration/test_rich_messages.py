@@ -1,6 +1,7 @@
 """Pictures, files and voice both ways, markdown and `<think>` handling, end to end: messages pushed by the fake
 DingTalk over the real SDK, files downloaded from it and uploaded to the fake Dify, Dify's images and files
-uploaded to the fake DingTalk's media store and shown in the card or sent after it. Nothing of ours is mocked."""
+uploaded to the fake DingTalk's media store and shown in the card or sent after it. Nothing of ours is mocked.
+Against a Dify 0.15.3 and a Dify 1.16.1."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ from dingdifyd.simulator.fake_dingtalk import (
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def dify(any_dify):
+    """Each test of this module against each Dify version."""
+    return any_dify
+
 
 OTHER_PNG = SAMPLE_PNG[:-12] + b"\x00" * 4 + SAMPLE_PNG[-8:]  # different bytes, still a PNG by its header
 
@@ -56,7 +64,7 @@ async def test_a_picture_without_text_is_asked_about_with_the_default_query(tmp_
     assert uploaded.data == SAMPLE_PNG  # the bytes behind the downloadCode, through DingTalk's download URL
     assert uploaded.name.endswith(".png") and uploaded.mime_type == "image/png"
     assert uploaded.user == body["user"] == "dingtalk:dingcorp001:staff7"  # 0.6.x insists on the same user
-    assert card.final_content == echo("Please describe this picture.")
+    assert card.final_content == echo("Please describe this picture.", dify)
 
 
 async def test_rich_text_keeps_its_text_and_the_order_of_its_pictures(tmp_path, dingtalk, dify):
@@ -87,11 +95,11 @@ async def test_a_file_goes_as_a_document_and_voice_as_its_recognised_text(tmp_pa
     assert file["type"] == "document"
     assert dify.uploads[file["upload_file_id"]].name == "notes.txt"
     assert dify.uploads[file["upload_file_id"]].data == b"hello file\n"
-    assert file_card.final_content == echo("Please read the attached file.")
+    assert file_card.final_content == echo("Please read the attached file.", dify)
     assert voice_body["query"] == "明天北京天气怎么样"
     assert "files" not in voice_body
     assert len(dify.uploads) == 1  # the voice recording itself is not uploaded
-    assert voice_card.final_content == echo("明天北京天气怎么样")
+    assert voice_card.final_content == echo("明天北京天气怎么样", dify)
 
 
 async def test_files_the_app_does_not_take_get_a_clear_reply(tmp_path, dingtalk, dify):
@@ -108,7 +116,7 @@ async def test_files_the_app_does_not_take_get_a_clear_reply(tmp_path, dingtalk,
     (body,) = chat_bodies(dify)
     assert "files" not in body
     assert rich.final_content == (
-        echo("Look at this<br>What is in it?")  # the query's line break, as DingTalk shows one
+        echo("Look at this<br>What is in it?", dify)  # the query's line break, as DingTalk shows one
         + "\n\n⚠️ This app does not accept files or pictures, so the picture was not passed on."
     )
     assert dify.uploads == {}
@@ -142,7 +150,7 @@ async def test_a_workflow_gets_the_file_in_its_file_input(tmp_path, dingtalk, di
     assert dify.uploads[doc["upload_file_id"]].data == b"hello file\n"
     assert body["inputs"]["query"] == "Please read the attached file."
     assert "files" not in body
-    assert card.final_content == echo("Please read the attached file.")
+    assert card.final_content == echo("Please read the attached file.", dify)
 
 
 # --- out: what Dify gives back -----------------------------------------------------------------------------
@@ -154,7 +162,7 @@ async def test_a_tool_image_from_dify_shows_in_the_card_as_dingtalk_media(tmp_pa
         card = await send(dingtalk, dingtalk.make_text_message("draw a cat"))
     (media,) = dingtalk.uploaded_media
     assert media.data == TOOL_IMAGE and media.media_type == "image"
-    assert card.final_content == echo("draw a cat") + f"\n\n![image]({media.media_id})"
+    assert card.final_content == echo("draw a cat", dify) + f"\n\n![image]({media.media_id})"
 
 
 async def test_a_markdown_image_with_a_relative_dify_url_reaches_dingtalk(tmp_path, dingtalk, dify):
@@ -176,7 +184,7 @@ async def test_images_can_go_as_image_messages_after_the_card(tmp_path, dingtalk
     async with running_bot(config):
         card = await send(dingtalk, dingtalk.make_text_message("draw a dog", group=True, conversation_id="cidG=="))
         sent = await dingtalk.wait_for(lambda: dingtalk.sent_messages, what="the image message")
-    assert card.final_content == echo("draw a dog")
+    assert card.final_content == echo("draw a dog", dify)
     (message,) = sent
     (media,) = dingtalk.uploaded_media
     assert message.api == API_GROUP_SEND and message.body["openConversationId"] == "cidG=="
@@ -192,7 +200,7 @@ async def test_a_workflow_file_output_is_sent_as_a_file_after_the_card(tmp_path,
     async with running_bot(config):
         card = await send(dingtalk, dingtalk.make_text_message("make the report", sender_staff_id="staff9"))
         sent = await dingtalk.wait_for(lambda: dingtalk.sent_messages, what="the file message")
-    assert card.final_content == echo("make the report")
+    assert card.final_content == echo("make the report", dify)
     (media,) = dingtalk.uploaded_media
     assert media.data == pdf and media.media_type == "file" and media.content_type == "application/pdf"
     (message,) = sent
