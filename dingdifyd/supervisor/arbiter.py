@@ -457,11 +457,13 @@ class Arbiter:
                 if lifecycle.phase is Phase.STARTING:
                     log.info("%s: connected", name, extra=event("connected", bot=name))
                 lifecycle.connected()
+                self._live.connected(name, True)
             case ("disconnected",):
                 if lifecycle.phase is Phase.RUNNING:
                     log.warning("%s: disconnected; the bot process is reconnecting", name,
                                 extra=event("disconnected", bot=name))  # fmt: skip
                 lifecycle.disconnected()
+                self._live.connected(name, False)
             case _:
                 log.warning("%s: unknown message from the bot process ignored", name)
 

@@ -27,6 +27,9 @@ class BotRecord:
     starts: int = 0
     last_exit: dict[str, Any] | None = None  # {"code": int | None, "at": wall time}
     report: dict[str, Any] = field(default_factory=dict)  # the bot process's own, latest (botstats.py)
+    # from the process's own connected / disconnected messages, so a status asked before its next heartbeat
+    # report already knows it
+    connected_since: float | None = None
     metrics: BotTotals = field(default_factory=BotTotals)
 
 
@@ -46,11 +49,20 @@ class LiveView:
         record.pid = pid
         record.starts += 1
         record.report = {}
+        record.connected_since = None
         return record.starts > 1
+
+    def connected(self, name: str, up: bool) -> None:
+        record = self.bots.setdefault(name, BotRecord())
+        if not up:
+            record.connected_since = None
+        elif record.connected_since is None:
+            record.connected_since = self._now()
 
     def exited(self, name: str, code: int | None) -> None:
         record = self.bots.setdefault(name, BotRecord())
         record.pid = None
+        record.connected_since = None
         record.last_exit = {"code": code, "at": self._now()}
         record.metrics.process_ended()
 
@@ -111,6 +123,8 @@ class LiveView:
             "dingtalk_calls_month": lifecycle.dingtalk_calls_month,
         }
         doc.update(report)
+        if live and not doc.get("connected_since"):
+            doc["connected_since"] = record.connected_since
         doc["in_flight"] = lifecycle.in_flight if live else 0
         doc["last_error"] = last_error
         return doc

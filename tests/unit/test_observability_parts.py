@@ -9,8 +9,11 @@ from dingdifyd import config
 from dingdifyd.errors import ConfigError, DifyTimeout, DifyTotalTimeout, DingTalkError
 from dingdifyd.metrics import Recorder, call_result, dify_error_kind
 from dingdifyd.runtime_paths import instance_name, served_status_socket, status_socket_candidates
+from dingdifyd.supervisor.backoff import Backoff
 from dingdifyd.supervisor.endpoints import parse_listen
 from dingdifyd.supervisor.exposition import BotMetrics, BotTotals, render
+from dingdifyd.supervisor.live import LiveView
+from dingdifyd.supervisor.state import BotLifecycle
 
 
 def test_the_status_socket_is_where_systemd_puts_the_runtime_directory():
@@ -95,3 +98,28 @@ def test_a_malformed_snapshot_is_left_out():
     assert totals.histograms() == {}
     with pytest.raises(ValueError):
         Recorder().count("dingdifyd_answers", user="alice")  # labels are a closed set
+
+
+def test_a_bot_that_connected_shows_it_before_its_first_report():
+    """The status is live: a bot process's `connected` message counts at once, not only its next heartbeat's
+    report (which comes seconds later)."""
+    clock = iter(range(100, 200)).__next__
+    lifecycle = BotLifecycle("hr", clock=lambda: 0.0, backoff=Backoff(), heartbeat_timeout=30, kill_grace=5)
+    view = LiveView("/etc/dingdifyd/ci.yaml", now=lambda: float(clock()))
+    lifecycle.spawned()
+    view.spawned("hr", 1234)
+    lifecycle.connected()
+    view.connected("hr", True)
+
+    def bot() -> dict:
+        document = view.status_document({"hr": lifecycle}, ["hr"], status_line="", ready=True, stopping=False,
+                                        monotonic_now=0.0)  # fmt: skip
+        return document["bots"][0]
+
+    connected_at = bot()["connected_since"]
+    assert bot()["state"] == "running" and connected_at is not None
+    view.reported("hr", {"status": {"answered_today": 1}})  # a report without its own time keeps it
+    assert bot()["connected_since"] == connected_at and bot()["answered_today"] == 1
+    lifecycle.disconnected()
+    view.connected("hr", False)
+    assert bot()["connected_since"] is None
