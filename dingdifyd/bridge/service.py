@@ -81,6 +81,7 @@ class BridgeService:
         self._accepting = True
         self.answered = 0
         self.failed = 0
+        self.redeliveries = 0  # messages recognised as already claimed (here, by an earlier process, or a peer)
 
     @property
     def in_flight(self) -> int:
@@ -101,6 +102,7 @@ class BridgeService:
             log.warning("message %s has no sender or conversation to answer; ignored", message.msg_id)
             return False
         if not self.store.claim_message(key):
+            self.redeliveries += 1
             log.info("message %s is a redelivery; already answered or being answered", message.msg_id)
             return False
         refusal = self.access.refusal(message)

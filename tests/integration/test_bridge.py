@@ -3,7 +3,6 @@ fake Dify over HTTP/SSE, streamed into a card on the fake DingTalk. Nothing of o
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
@@ -92,14 +91,18 @@ async def test_workflow_without_streamed_text_answers_from_its_outputs(tmp_path,
 
 
 async def test_a_redelivered_message_gets_no_second_card_and_no_second_dify_call(tmp_path, dingtalk, dify):
-    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)) as bot:
         data = dingtalk.make_text_message("only once")
         frame = dingtalk.push_message(CLIENT_ID, data)
         await dingtalk.wait_ack(frame)
         dingtalk.redeliver(frame)
         await dingtalk.wait_for(lambda: len(dingtalk.acks_for(frame)) >= 2, 10, "the redelivery's ACK")
         await dingtalk.wait_card_final(lambda c: True, timeout=20)
-        await asyncio.sleep(0.3)  # give a wrong second answer the chance to show up
+        # a frame is ACKed only after the bridge decided about it, and an answer it takes is in flight at once:
+        # once nothing is in flight, every answer the two deliveries could have started has ended
+        await dingtalk.wait_for(lambda: bot.bridge.in_flight == 0, 20, "the answers to end")
+        assert bot.bridge.redeliveries == 1
+        assert (bot.bridge.answered, bot.bridge.failed) == (1, 0)
     assert len(dingtalk.cards) == 1
     assert len(dify.requests_to("/chat-messages")) == 1
 
