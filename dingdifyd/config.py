@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import grp
 import importlib.util
+import math
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -225,6 +226,26 @@ ROUTE_KEYS = (
     "dify_open_api_url",
     "dify_input_variable",
 )
+# Every number a file may set, and the values it may take (inclusive). Wider than any sensible setting, narrow
+# enough that nothing downstream overflows or waits for ever; NaN and infinity are never accepted.
+NUMBER_RANGES: dict[str, tuple[float, float]] = {
+    "stop_timeout": (0.0, 3600.0),
+    "heartbeat_timeout": (1.0, 3600.0),
+    "restart_delay_min": (0.01, 3600.0),
+    "restart_delay_max": (0.01, 86400.0),
+    "dify_conversation_remain_time": (0.0, 525600.0),  # minutes: up to a year; 0: a new conversation each time
+    "suggested_questions_timeout": (0.0, 60.0),
+    "dify_connect_timeout": (0.1, 600.0),
+    "dify_first_byte_timeout": (0.1, 3600.0),
+    "dify_idle_timeout": (0.1, 3600.0),
+    "dify_total_timeout": (1.0, 86400.0),
+    "dingtalk_timeout": (0.1, 600.0),
+    "card_update_interval": (0.0, 60.0),
+    "dingtalk_card_qps": (0.1, 1e6),  # far above DingTalk's 20: the benchmarks lift the simulator's limit
+    "card_update_min_chars": (0, 10000),
+    "max_message_chars": (1, 1_000_000),
+    "dingtalk_api_monthly_budget": (1, 1_000_000_000),
+}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BotConfig) if f.default is not dataclasses.MISSING}
 _FIELD_DEFAULTS["dify_inputs"] = DIFY_CONTEXT_INPUTS
 
@@ -271,12 +292,10 @@ class _Loader:
             if key not in (*INHERITED_KEYS, *DAEMON_KEYS, *IGNORED_TOP_KEYS, "bots"):
                 self.warnings.append(f"{key}: unknown key, ignored")
         defaults = self.top_level_defaults(raw)
-        daemon = {
-            "stop_timeout": self.number("stop_timeout", raw.get("stop_timeout", 30.0), minimum=0.0),
-            "heartbeat_timeout": self.number("heartbeat_timeout", raw.get("heartbeat_timeout", 30.0), 1.0),
-            "restart_delay_min": self.number("restart_delay_min", raw.get("restart_delay_min", 1.0), 0.01),
-            "restart_delay_max": self.number("restart_delay_max", raw.get("restart_delay_max", 60.0), 0.01),
-        }
+        daemon = {key: self.number(key, raw.get(key, default), NUMBER_RANGES[key]) for key, default in (
+            ("stop_timeout", 30.0), ("heartbeat_timeout", 30.0), ("restart_delay_min", 1.0),
+            ("restart_delay_max", 60.0),
+        )}  # fmt: skip
         if daemon["restart_delay_max"] < daemon["restart_delay_min"]:
             self.problem("restart_delay_max", "must be >= restart_delay_min")
         bots_raw = raw.get("bots")
@@ -356,7 +375,8 @@ class _Loader:
             "dify_app_api_key": self.secret(where, name, "dify_app_api_key", raw),
             "dify_open_api_url": self.url(at("dify_open_api_url"), merged["dify_open_api_url"]),
             "dify_conversation_remain_time": self.number(
-                at("dify_conversation_remain_time"), merged["dify_conversation_remain_time"], minimum=0.0
+                at("dify_conversation_remain_time"), merged["dify_conversation_remain_time"],
+                NUMBER_RANGES["dify_conversation_remain_time"],
             ),
             "dingtalk_ai_card_template_id": self.optional_str(merged["dingtalk_ai_card_template_id"]),
             "dingtalk_api_base": self.url(at("dingtalk_api_base"), merged["dingtalk_api_base"]),
@@ -377,7 +397,8 @@ class _Loader:
                 at("show_suggested_questions"), merged["show_suggested_questions"]
             ),
             "suggested_questions_timeout": self.number(
-                at("suggested_questions_timeout"), merged["suggested_questions_timeout"], minimum=0.0
+                at("suggested_questions_timeout"), merged["suggested_questions_timeout"],
+                NUMBER_RANGES["suggested_questions_timeout"],
             ),
             "command_prefix": self.required_str(at("command_prefix"), merged["command_prefix"]),
             "show_reasoning": self.choice(at("show_reasoning"), merged["show_reasoning"], SHOW_REASONING),
@@ -388,24 +409,18 @@ class _Loader:
             "handler": str(raw.get("handler", _FIELD_DEFAULTS["handler"])),
             "max_workers": raw.get("max_workers", _FIELD_DEFAULTS["max_workers"]),
         }
-        for key, minimum in (
-            ("dify_connect_timeout", 0.1),
-            ("dify_first_byte_timeout", 0.1),
-            ("dify_idle_timeout", 0.1),
-            ("dify_total_timeout", 1.0),
-            ("dingtalk_timeout", 0.1),
-            ("card_update_interval", 0.0),
-            ("dingtalk_card_qps", 0.1),
-        ):
-            values[key] = self.number(at(key), merged[key], minimum)
-        values["card_update_min_chars"] = int(
-            self.number(at("card_update_min_chars"), merged["card_update_min_chars"], 0)
-        )
+        for key in (
+            "dify_connect_timeout", "dify_first_byte_timeout", "dify_idle_timeout", "dify_total_timeout",
+            "dingtalk_timeout", "card_update_interval", "dingtalk_card_qps",
+        ):  # fmt: skip
+            values[key] = self.number(at(key), merged[key], NUMBER_RANGES[key])
+        for key in ("card_update_min_chars", "max_message_chars"):
+            values[key] = self.whole_number(at(key), merged[key], NUMBER_RANGES[key])
         budget = merged["dingtalk_api_monthly_budget"]  # none: no budget, only DingTalk's own quota
         if self.optional_str(budget) is not None:
-            budget = int(self.number(at("dingtalk_api_monthly_budget"), budget, 1))
+            key = "dingtalk_api_monthly_budget"
+            budget = self.whole_number(at(key), budget, NUMBER_RANGES[key])
         values["dingtalk_api_monthly_budget"] = None if self.optional_str(budget) is None else budget
-        values["max_message_chars"] = int(self.number(at("max_message_chars"), merged["max_message_chars"], 1))
         values["routes"] = self.routes(where, name, raw.get("routes"), values["dify_open_api_url"])
         if isinstance(values["dingtalk_app_client_secret"], Secret) and isinstance(values["dify_app_api_key"], Secret):
             return BotConfig(**values)
@@ -524,16 +539,23 @@ class _Loader:
             return allowed[0]
         return text
 
-    def number(self, key: str, value: Any, minimum: float) -> float:
+    def number(self, key: str, value: Any, limits: tuple[float, float], *, whole: bool = False) -> float:
+        """A number within `limits` (inclusive); `whole`: an integer. NaN and infinity are never within."""
+        minimum, maximum = limits
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             self.problem(key, f"{value!r} is not a number")
             return minimum
-        if isinstance(value, bool) or number < minimum:
-            self.problem(key, f"{value!r} must be a number >= {minimum:g}")
+        kind = "a whole number" if whole else "a number"
+        in_range = math.isfinite(number) and minimum <= number <= maximum
+        if isinstance(value, bool) or not in_range or (whole and not number.is_integer()):
+            self.problem(key, f"{value!r} must be {kind} from {_bound(minimum)} to {_bound(maximum)}")
             return minimum
         return number
+
+    def whole_number(self, key: str, value: Any, limits: tuple[float, float]) -> int:
+        return int(self.number(key, value, limits, whole=True))
 
     def url(self, key: str, value: Any) -> str:
         text = str(value or "").strip().rstrip("/")
@@ -611,6 +633,11 @@ class _Loader:
                 f"{key}: secret written inline in a file other users can read; chmod 600 {self.path} "
                 f"(or 640 with group {DAEMON_GROUP}) or use a *_file / systemd credential"
             )
+
+
+def _bound(limit: float) -> str:
+    """A range's end as people write it: 1000000, not 1e+06; 0.1 as 0.1."""
+    return str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
 
 
 def _daemon_gids() -> set[int]:

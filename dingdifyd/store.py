@@ -81,7 +81,10 @@ class DiskStore:
         return value if isinstance(value, str) else None
 
     def set_conversation(self, session_key: str, conversation_id: str, ttl: float) -> None:
-        self._main.set(("conv", session_key), conversation_id, expire=ttl if ttl > 0 else None)
+        if ttl <= 0:  # `dify_conversation_remain_time: 0`: a new conversation with every message
+            self._main.delete(("conv", session_key))
+            return
+        self._main.set(("conv", session_key), conversation_id, expire=ttl)
 
     def forget_conversation(self, session_key: str) -> None:
         self._main.delete(("conv", session_key))

@@ -166,7 +166,10 @@ class RedisStore:
 
     def set_conversation(self, session_key: str, conversation_id: str, ttl: float) -> None:
         key = self._prefix + "conv:" + session_key
-        expiry_ms = max(int(ttl * 1000), 1) if ttl > 0 else None
+        if ttl <= 0:  # `dify_conversation_remain_time: 0`: a new conversation with every message
+            self._call("forgetting a conversation", lambda: self._redis.delete(key), None)
+            return
+        expiry_ms = max(int(ttl * 1000), 1)
         self._call("saving a conversation", lambda: self._redis.set(key, conversation_id, px=expiry_ms), None)
 
     def forget_conversation(self, session_key: str) -> None:

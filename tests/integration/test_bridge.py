@@ -131,6 +131,16 @@ async def test_dify_failures_end_the_card_with_a_clear_error_and_the_bot_keeps_s
     assert not after.failed
 
 
+async def test_zero_remain_time_starts_a_new_conversation_with_every_message(tmp_path, dingtalk, dify):
+    config = write_config(tmp_path / "c.yaml", dingtalk, dify, dify_conversation_remain_time=0)
+    async with running_bot(config):
+        await ask(dingtalk, "first", sender_staff_id="u5")
+        await ask(dingtalk, "second", sender_staff_id="u5")
+    first, second = dify.requests_to("/chat-messages")
+    assert "conversation_id" not in first.json
+    assert "conversation_id" not in second.json  # as the man page says: 0 forgets at once
+
+
 async def test_a_restart_keeps_the_conversation(tmp_path, dingtalk, dify):
     config = write_config(tmp_path / "c.yaml", dingtalk, dify)
     async with running_bot(config):

@@ -85,6 +85,18 @@ async def test_conversations_are_shared_and_expire(redis_service):
         s.close()
 
 
+def test_a_conversation_kept_zero_minutes_is_not_kept(redis_service):
+    host = store(redis_service)
+    try:
+        host.set_conversation("helpdesk|single|u1", "conv-1", ttl=0)
+        assert host.get_conversation("helpdesk|single|u1") is None  # 0: a new conversation every message
+        host.set_conversation("helpdesk|single|u1", "conv-2", ttl=60)
+        host.set_conversation("helpdesk|single|u1", "conv-3", ttl=0)
+        assert host.get_conversation("helpdesk|single|u1") is None
+    finally:
+        host.close()
+
+
 async def test_a_live_hosts_answers_are_never_adopted_a_dead_ones_once(redis_service):
     host_a = store(redis_service, lease_ttl=0.3)
     host_a.begin_answer(record("robot:m1"))

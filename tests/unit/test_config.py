@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -289,7 +290,7 @@ def test_long_answer_and_message_size_limits_have_defaults_and_are_checked(tmp_p
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, bad), environ={})
     problems = "\n".join(caught.value.problems)
-    assert "dify_total_timeout: 0 must be a number >= 1" in problems
+    assert "dify_total_timeout: 0 must be a number from 1 to 86400" in problems
     assert "bots[0].max_message_chars: 'lots' is not a number" in problems
 
 
@@ -316,4 +317,49 @@ def test_monthly_api_budget_is_optional_from_file_or_environment_and_checked(tmp
     assert bot.dingtalk_api_monthly_budget is None  # a bot may opt out of the file's budget
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, ORIGINAL_BOTS_YAML + "    dingtalk_api_monthly_budget: 0\n"), environ={})
-    assert "bots[0].dingtalk_api_monthly_budget: 0 must be a number >= 1" in caught.value.problems
+    assert "bots[0].dingtalk_api_monthly_budget: 0 must be a whole number from 1 to 1000000000" in caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("max_message_chars: .inf", "max_message_chars: inf must be a whole number from 1 to 1000000"),
+        ("dify_idle_timeout: .nan", "dify_idle_timeout: nan must be a number from 0.1 to 3600"),
+        ("card_update_min_chars: 1e400", "card_update_min_chars: '1e400' must be a whole number from 0 to 10000"),
+        ("dify_total_timeout: -5", "dify_total_timeout: -5 must be a number from 1 to 86400"),
+        ("dingtalk_timeout: 1.0e+30", "dingtalk_timeout: 1e+30 must be a number from 0.1 to 600"),
+        ("heartbeat_timeout: .inf", "heartbeat_timeout: inf must be a number from 1 to 3600"),
+        ("stop_timeout: -1", "stop_timeout: -1 must be a number from 0 to 3600"),
+        ("dify_conversation_remain_time: .inf", "dify_conversation_remain_time: inf must be a number from 0 to"),
+        ("max_message_chars: 2.5", "max_message_chars: 2.5 must be a whole number from 1 to 1000000"),
+        ("dingtalk_api_monthly_budget: .inf", "dingtalk_api_monthly_budget: inf must be a whole number from 1"),
+    ],
+)
+def test_every_number_has_a_range_and_nan_inf_and_huge_values_are_refused_by_key(tmp_path, line, expected):
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, line + "\n" + ORIGINAL_BOTS_YAML), environ={})
+    assert any(problem.startswith(expected) for problem in caught.value.problems), caught.value.problems
+
+
+def test_numbers_from_the_environment_are_range_checked_too(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={"DIFY_CONVERSATION_REMAIN_TIME": "nan"})
+    assert any(p.startswith("dify_conversation_remain_time: 'nan' must be") for p in caught.value.problems)
+
+
+def test_check_config_exits_78_naming_an_infinite_number(tmp_path):
+    result = _check_config(write(tmp_path, "max_message_chars: .inf\n" + ORIGINAL_BOTS_YAML))
+    assert result.returncode == 78, result.stderr
+    assert "max_message_chars: inf must be a whole number from 1 to 1000000" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_numeric_setting_has_a_range():
+    numeric = {
+        f.name
+        for cls in (config.BotConfig, config.DaemonConfig)
+        for f in dataclasses.fields(cls)
+        if str(f.type).replace(" | None", "") in ("float", "int")
+    }
+    numeric.discard("max_workers")  # accepted for compatibility and ignored: any value will do
+    assert numeric == set(config.NUMBER_RANGES)
