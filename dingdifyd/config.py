@@ -14,12 +14,13 @@ import grp
 import importlib.util
 import math
 import os
+import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 import yaml
 
@@ -567,7 +568,7 @@ class _Loader:
     def store(self, key: str, value: Any) -> str:
         text = str(value or "").strip()
         if text != "disk" and not text.startswith(("redis://", "rediss://", "unix://")):
-            self.problem(key, f"{value!r} must be 'disk' or a redis:// URL")
+            self.problem(key, f"{redact_url(text)!r} must be 'disk' or a redis:// URL")
         elif text != "disk" and importlib.util.find_spec("redis") is None:
             self.problem(key, "a redis store needs the redis package: pip install 'dingdifyd[redis]'")
         return text
@@ -655,22 +656,53 @@ def _from_env(text: str) -> Any:
     return text
 
 
+# Query parameters that carry a credential: redis-py reads `password` (the usual form for unix:// sockets) and
+# `ssl_password` (the TLS key's passphrase) from the URL; anything named like a secret is treated alike.
+_SECRET_PARAMETER = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """A URL without its password (`redis://:secret@host` -> `redis://:***@host`), for output and logs."""
+    """A URL without its credentials, for output and logs: the password of the user part
+    (`redis://:secret@host` -> `redis://:***@host`) and every credential in the query
+    (`unix:///run/redis.sock?password=secret` -> `...?password=***`). A URL that cannot be parsed shows
+    nothing but its scheme."""
     try:
         parts = urlsplit(url)
-        password, port = parts.password, parts.port
+        parts.port  # noqa: B018 - raises ValueError for a malformed host part, as redis-py's parser would
     except ValueError:
-        return url
-    if password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{port}" if port else "")
-    return parts._replace(netloc=netloc).geturl()
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        return f"{scheme}://***" if scheme.isalnum() else "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = "&".join(_redact_parameter(item) for item in parts.query.split("&")) if parts.query else ""
+    # put together by hand: urlunsplit drops the empty host of unix:///path
+    text = f"{parts.scheme}://{netloc}{parts.path}" if "://" in url else f"{parts.scheme}:{parts.path}"
+    return text + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def _redact_parameter(item: str) -> str:
+    name, equals, _ = item.partition("=")
+    return f"{name}=***" if equals and _SECRET_PARAMETER.search(unquote_plus(name)) else item
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials written in a URL (as given and decoded), for the log redaction of the process using it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [parts.password] if parts.password else []
+    found += [value for name, value in parse_qsl(parts.query) if _SECRET_PARAMETER.search(name)]
+    return [*found, *(unquote(value) for value in found)]
 
 
 def masked(value: Any) -> Any:
-    if isinstance(value, str) and "@" in value and "://" in value:
-        return redact_url(value)  # a store URL with a password
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)  # a store URL with a password, in its user part or its query
     if isinstance(value, Secret):
         return f"**** ({value.source})"
     if isinstance(value, tuple):

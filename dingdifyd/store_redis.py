@@ -33,8 +33,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dingdifyd.config import redact_url
+from dingdifyd.config import redact_url, url_secrets
 from dingdifyd.errors import ConfigError
+from dingdifyd.logsetup import register_secret
 from dingdifyd.store import MESSAGE_CLAIM_TTL, InFlight
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class RedisStore:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.url = redact_url(url)
+        for secret in url_secrets(url):
+            register_secret(secret)  # whatever redis-py might ever say about its connection, never the password
         self.lease_ttl = lease_ttl
         self.consumer_id = consumer_id()
         self._retry_after = retry_after

@@ -222,3 +222,17 @@ def store_for(url: str):
 
     return RedisStore(url, "helpdesk")
 
+
+def test_a_password_in_the_query_never_reaches_the_log(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="dingdifyd")
+    with redis_server(tmp_path, password="query-password-789") as server:
+        url = f"redis://127.0.0.1:{server.port}/0?password=query-password-789"
+        host = store_for(url)
+        try:
+            assert host.claim_message("robot:m")
+        finally:
+            host.close()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "store: redis://127.0.0.1" in logged  # the INFO line naming the store is there ...
+    assert "query-password-789" not in logged  # ... without the password
+

@@ -363,3 +363,32 @@ def test_every_numeric_setting_has_a_range():
     }
     numeric.discard("max_workers")  # accepted for compatibility and ignored: any value will do
     assert numeric == set(config.NUMBER_RANGES)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pa55word@10.0.0.5:6379/2", "redis://:***@10.0.0.5:6379/2"),
+        ("redis://app:pa55word@10.0.0.5/0", "redis://app:***@10.0.0.5/0"),
+        ("unix:///run/redis/redis.sock?db=1&password=pa55word", "unix:///run/redis/redis.sock?db=1&password=***"),
+        ("redis://10.0.0.5:6379/0?password=pa55word", "redis://10.0.0.5:6379/0?password=***"),
+        ("rediss://10.0.0.5/0?ssl_password=pa55word&ssl_check_hostname=true",
+         "rediss://10.0.0.5/0?ssl_password=***&ssl_check_hostname=true"),
+        ("unix://app:pa55word@/run/redis.sock?db=0", "unix://app:***@/run/redis.sock?db=0"),
+        ("redis://:pa%2F55word@10.0.0.5/0", "redis://:***@10.0.0.5/0"),
+        ("redis://:pa55word@[::1", "redis://***"),  # unparsable: nothing of it is shown
+        ("redis://10.0.0.5:6379/0", "redis://10.0.0.5:6379/0"),
+    ],
+)
+def test_every_credential_form_redis_accepts_is_masked(url, shown):
+    assert config.redact_url(url) == shown
+    assert "pa55word" not in config.redact_url(url) and "pa%2F55word" not in config.redact_url(url)
+
+
+def test_check_config_hides_a_password_given_in_the_query(tmp_path):
+    pytest.importorskip("redis")
+    path = write(tmp_path, "store: unix:///run/redis/redis.sock?password=pa55word\n" + ORIGINAL_BOTS_YAML)
+    result = _check_config(path)
+    assert result.returncode == 0, result.stderr
+    assert "pa55word" not in result.stdout + result.stderr
+    assert "unix:///run/redis/redis.sock?password=***" in result.stdout
