@@ -14,6 +14,7 @@ import grp
 import importlib.util
 import math
 import os
+import pwd
 import re
 import stat
 from collections.abc import Callable, Mapping
@@ -342,8 +343,14 @@ class _Loader:
         if self.environ.get("STATE_DIRECTORY"):
             # systemd may pass several, colon-separated; the first is ours.
             return self.environ["STATE_DIRECTORY"].split(":")[0]
-        base = self.environ.get("XDG_STATE_HOME") or os.path.join(self.environ.get("HOME", "/tmp"), ".local/state")
-        return os.path.join(base, "dingdifyd")
+        if self.environ.get("XDG_STATE_HOME"):
+            return os.path.join(self.environ["XDG_STATE_HOME"], "dingdifyd")
+        # never a shared place such as /tmp: without HOME, the account's own home directory
+        home = self.environ.get("HOME") or _account_home()
+        if not home:
+            self.problem("state_dir", "not set, and neither STATE_DIRECTORY, XDG_STATE_HOME nor HOME says where")
+            return ""
+        return os.path.join(home, ".local/state", "dingdifyd")
 
     def bot(self, where: str, raw: Any, defaults: dict[str, Any]) -> BotConfig | None:
         if not isinstance(raw, dict):
@@ -634,6 +641,12 @@ class _Loader:
                 f"{key}: secret written inline in a file other users can read; chmod 600 {self.path} "
                 f"(or 640 with group {DAEMON_GROUP}) or use a *_file / systemd credential"
             )
+
+
+def _account_home() -> str:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(os.geteuid()).pw_dir
+    return ""
 
 
 def _bound(limit: float) -> str:

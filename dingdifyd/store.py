@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,13 @@ class DiskStore:
 
     def __init__(self, directory: str | os.PathLike[str]):
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError([f"state_dir: cannot create {path}: {exc.strerror}"]) from None
+        # diskcache unpickles what it finds: a directory another account could have written is never opened
+        check_private_directory(path)
+        check_private_directory(path.parent, sticky_ok=True)
         # Separate caches so that recovery scans only the few in-flight records, never the claims.
         self._main = diskcache.Cache(str(path / "state"), timeout=10)
         self._inflight = diskcache.Cache(str(path / "inflight"), timeout=10)
@@ -123,6 +130,30 @@ class DiskStore:
     def close(self) -> None:
         self._main.close()
         self._inflight.close()
+
+
+def check_private_directory(path: Path, *, sticky_ok: bool = False) -> None:
+    """Refuse a state directory this account does not own, or that other accounts may write to (their files
+    would be unpickled, or could replace ours). `sticky_ok`: a shared parent like /tmp, whose sticky bit stops
+    others from renaming what is ours, is fine."""
+    try:
+        status = os.stat(path)
+    except OSError as exc:
+        raise ConfigError([f"state_dir: cannot read {path}: {exc.strerror}"]) from None
+    if not stat.S_ISDIR(status.st_mode):
+        raise ConfigError([f"state_dir: {path} is not a directory"])
+    euid = os.geteuid()
+    if status.st_uid not in (euid, 0):
+        raise ConfigError([
+            f"state_dir: {path} is owned by uid {status.st_uid}, not by this account (uid {euid}); "
+            "use a directory of its own (the packaged unit's StateDirectory= is)"
+        ])  # fmt: skip
+    writable_by_group = status.st_mode & stat.S_IWGRP and status.st_gid != os.getegid()
+    if (status.st_mode & stat.S_IWOTH or writable_by_group) and not (sticky_ok and status.st_mode & stat.S_ISVTX):
+        raise ConfigError([
+            f"state_dir: {path} is writable by other users (mode {stat.S_IMODE(status.st_mode):04o}); "
+            f"chmod 700 {path}, or set state_dir to a directory of this account"
+        ])  # fmt: skip
 
 
 def open_store(url: str, state_dir: str, bot_name: str) -> Store:

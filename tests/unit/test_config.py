@@ -160,6 +160,15 @@ def test_state_directory_from_systemd(tmp_path):
     assert loaded.bots[0].state_dir == "/var/lib/dingdifyd/x"
 
 
+def test_without_home_state_goes_to_the_accounts_home_never_to_a_shared_place(tmp_path):
+    import pwd
+
+    loaded = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={})
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    assert loaded.bots[0].state_dir == os.path.join(home, ".local/state/dingdifyd")
+    assert not loaded.bots[0].state_dir.startswith("/tmp")
+
+
 def test_secret_repr_never_shows_the_value():
     secret = config.Secret("app-verysecret", "inline")
     assert "verysecret" not in repr(secret)
