@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from dingdifyd.bridge.markdown import AnswerStyle, render_answer
+from dingdifyd.bridge.markdown import AnswerStyle, neutralise_links, render_answer
 from dingdifyd.bridge.media import OutgoingMedia
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
@@ -27,8 +27,8 @@ class RichAnswer:
         )
 
     def view(self, raw: str) -> str:
-        """The card text for the answer so far."""
-        return self.media.card_text(render_answer(raw, self.style, final=False))
+        """The card text for the answer so far. Links are made safe last, once images are DingTalk media."""
+        return neutralise_links(self.media.card_text(render_answer(raw, self.style, final=False)))
 
     def see(self, event: DifyEvent) -> None:
         """Files Dify sends beside the text: `message_file` events and workflow file outputs."""
@@ -39,7 +39,7 @@ class RichAnswer:
 
     async def final(self, raw: str) -> str:
         """The card's final text, once every image is uploaded (or given up on)."""
-        return await self.media.final_text(render_answer(raw, self.style, final=True))
+        return neutralise_links(await self.media.final_text(render_answer(raw, self.style, final=True)))
 
     async def after_card(self, plain_reply: Callable[[str], Awaitable[None]]) -> None:
         await self.media.send_after_card(plain_reply)

