@@ -28,7 +28,7 @@ import websockets
 import websockets.exceptions
 from dingtalk_stream.version import VERSION_STRING
 
-from dingdifyd.bridge.models import SINGLE_CHAT, IncomingMessage
+from dingdifyd.bridge.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
 from dingdifyd.config import Secret
 from dingdifyd.dingtalk.api import describe_transport_error
 from dingdifyd.dingtalk.ratelimit import ExponentialBackoff
@@ -138,13 +138,19 @@ def parse_incoming(data: Any, *, default_robot_code: str = "") -> IncomingMessag
     content: dict[str, Any] = dict(raw_content) if isinstance(raw_content, Mapping) else {}
     if "errorMessage" in data and "errorMessage" not in content:
         content["errorMessage"] = data["errorMessage"]
+    conversation_type = _as_str(data.get("conversationType"))
+    if conversation_type not in (SINGLE_CHAT, GROUP_CHAT):
+        # fail closed: as a 1:1 chat it would escape allow_groups / deny_groups
+        log.warning("message %s: conversationType %.20r is neither 1 (1:1) nor 2 (group); handled as a group",
+                    msg_id, conversation_type)  # fmt: skip
+        conversation_type = GROUP_CHAT
     return IncomingMessage(
         robot_code=_as_str(data.get("robotCode")) or default_robot_code,
         msg_id=msg_id,
         msg_type=msg_type,
         text=_text_of(msg_type, data, content),
         conversation_id=_as_str(data.get("conversationId")),
-        conversation_type=_as_str(data.get("conversationType")) or SINGLE_CHAT,
+        conversation_type=conversation_type,
         sender_id=_as_str(data.get("senderId")),
         sender_staff_id=_as_str(data.get("senderStaffId")),
         sender_nick=_as_str(data.get("senderNick")),
@@ -180,6 +186,23 @@ def _frame_problem(frame: Any) -> str | None:
     except ValueError:
         return "data is not valid JSON"
     return None
+
+
+class RecentIds:
+    """The last `size` ids seen, oldest forgotten first: a bounded memory of what was already logged."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._ids: dict[str, None] = {}
+
+    def add(self, item: str) -> bool:
+        """True when `item` is new."""
+        if item in self._ids:
+            return False
+        self._ids[item] = None
+        if len(self._ids) > self._size:
+            del self._ids[next(iter(self._ids))]
+        return True
 
 
 # --- the SDK glue -----------------------------------------------------------------------------------------
@@ -240,6 +263,7 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         self._backoff = ExponentialBackoff(base=reconnect_min_delay, cap=reconnect_max_delay)
         self._stable_after = stable_after
         self._frame_tasks: set[asyncio.Task[None]] = set()
+        self._malformed_seen = RecentIds(1000)  # malformed frames already logged
         self._disconnect_requested = False
         self._stopping = False
         self._wake = asyncio.Event()
@@ -397,7 +421,7 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
             return
         problem = _frame_problem(frame)
         if problem is not None:
-            log.warning("DingTalk Stream frame dropped: %s", problem)
+            self._drop_malformed(frame, problem)
             return
         headers = frame["headers"]
         log.debug("frame %s %s %s", frame.get("type"), headers.get("topic"), headers.get("messageId"))
@@ -409,6 +433,36 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         task = asyncio.get_running_loop().create_task(self.background_task(frame))
         self._frame_tasks.add(task)
         task.add_done_callback(self._frame_tasks.discard)
+
+    def _drop_malformed(self, frame: Any, problem: str) -> None:
+        """A frame the SDK cannot route is ACKed all the same when it names itself: unACKed, DingTalk would
+        deliver it again and again, each time to the same end. Logged once per frame."""
+        headers = frame.get("headers") if isinstance(frame, dict) else None
+        message_id = headers.get("messageId") if isinstance(headers, dict) else None
+        if not isinstance(message_id, str) or not message_id:
+            log.warning("DingTalk Stream frame dropped: %s (no messageId to ACK it by)", problem)
+            return
+        if self._malformed_seen.add(message_id):
+            log.warning("DingTalk Stream frame %s dropped: %s; ACKed so that it is not redelivered",
+                        message_id, problem)  # fmt: skip
+        else:
+            log.debug("DingTalk Stream frame %s dropped again: %s", message_id, problem)
+        ack = {
+            "code": dingtalk_stream.AckMessage.STATUS_OK,
+            "headers": {"contentType": "application/json", "messageId": message_id},
+            "message": "malformed frame dropped",
+            "data": json.dumps({"response": None}),
+        }
+        websocket = self.websocket
+        if websocket is not None:
+            task = asyncio.get_running_loop().create_task(self._send_quietly(websocket, json.dumps(ack)))
+            self._frame_tasks.add(task)
+            task.add_done_callback(self._frame_tasks.discard)
+
+    @staticmethod
+    async def _send_quietly(websocket: Any, text: str) -> None:
+        with contextlib.suppress(websockets.exceptions.WebSocketException, OSError):
+            await websocket.send(text)
 
     def _notify_state(self, state: str) -> None:
         try:
