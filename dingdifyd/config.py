@@ -97,6 +97,7 @@ class BotConfig:
     dify_app_type: str
     dify_app_api_key: Secret
     dify_open_api_url: str = "https://api.dify.ai/v1"
+    dify_files_url: str | None = None  # Dify's FILES_URL, when its files are served from another origin
     dify_conversation_remain_time: float = 15.0  # minutes of inactivity before the context resets
     dingtalk_ai_card_template_id: str | None = None  # None: DingTalk's built-in AI card template
     dingtalk_api_base: str = "https://api.dingtalk.com"
@@ -169,6 +170,7 @@ class DaemonConfig:
 # Keys that may stand at the top level (defaults for every bot) and be overridden per bot.
 INHERITED_KEYS = (
     "dify_open_api_url",
+    "dify_files_url",
     "dify_conversation_remain_time",
     "dingtalk_ai_card_template_id",
     "dingtalk_api_base",
@@ -382,6 +384,8 @@ class _Loader:
             "dify_app_type": self.choice(p + "dify_app_type", raw.get("dify_app_type"), APP_TYPES, required=True),
             "dify_app_api_key": self.secret(where, name, "dify_app_api_key", raw),
             "dify_open_api_url": self.url(at("dify_open_api_url"), merged["dify_open_api_url"]),
+            "dify_files_url": None if self.optional_str(merged["dify_files_url"]) is None
+            else self.url(at("dify_files_url"), merged["dify_files_url"]),
             "dify_conversation_remain_time": self.number(
                 at("dify_conversation_remain_time"), merged["dify_conversation_remain_time"],
                 NUMBER_RANGES["dify_conversation_remain_time"],

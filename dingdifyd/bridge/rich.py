@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from dingdifyd.bridge.markdown import AnswerStyle, neutralise_links, render_answer
-from dingdifyd.bridge.media import OutgoingMedia
+from dingdifyd.bridge.media import MediaTransfers, OutgoingMedia
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.config import BotConfig
@@ -15,15 +15,25 @@ from dingdifyd.dify.events import DifyEvent, MessageFile, WorkflowFinished
 
 
 class RichAnswer:
-    def __init__(self, *, bot: BotConfig, message: IncomingMessage, dify: object, files: MessageFiles | None):
+    def __init__(
+        self,
+        *,
+        bot: BotConfig,
+        message: IncomingMessage,
+        dify: object,
+        files: MessageFiles | None,
+        transfers: MediaTransfers | None = None,
+    ):
         self.style = AnswerStyle(show_reasoning=bot.show_reasoning, tables=bot.markdown_tables)
         self.media = OutgoingMedia(
             message=message,
             # the routed app's own host (a route may use another Dify), like BotConfig.dify_public_base
             public_base=_without_v1(getattr(dify, "base_url", "")) or bot.dify_public_base,
+            origins=getattr(dify, "file_origins", ()),  # the only other origin files are fetched from
             dify=dify if isinstance(dify, DifyFiles) else None,
             dingtalk=files,
             delivery=bot.image_delivery,
+            transfers=transfers,
         )
 
     def view(self, raw: str) -> str:

@@ -20,6 +20,7 @@ from dingdifyd.bridge.apps import AppRouter
 from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.commands import ChatCommands
 from dingdifyd.bridge.markdown import for_plain_reply
+from dingdifyd.bridge.media import MediaTransfers
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
 from dingdifyd.bridge.progress import with_suggestions
@@ -69,6 +70,7 @@ class BridgeService:
         # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
         self.files = files
         self.incoming = IncomingFiles(bot=bot, dingtalk=files)
+        self.media_transfers = MediaTransfers()  # Dify's images and files on their way: a few at a time
         # which Dify app answers a message: the bot's own, or a route's (`routes:`)
         self.apps = apps
         self.access = AccessPolicy.from_bot(bot)
@@ -247,7 +249,8 @@ class BridgeService:
             return "answered"
         show = streamer.set_text if self.bot.show_progress else None
         turn = AnswerTurn(app=app, session_key=key, user=user, show=show)
-        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files,
+                          transfers=self.media_transfers)  # fmt: skip
         streamer.render_with(rich.view)
         try:
             with self.running.track(turn):  # what /stop finds

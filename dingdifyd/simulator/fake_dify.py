@@ -322,6 +322,10 @@ class FakeDify:
         self.tool_files: dict[str, bytes] = {}
         self.output_files: dict[str, dict[str, Any]] = {}  # api key -> file outputs of its workflow runs
         self.first_text_at: dict[str, float] = {}  # user -> when the first answer text of theirs was written
+        self.file_delay = 0.0  # seconds each file download (/files/...) takes before its bytes
+        self.files_served = 0
+        self.max_files_in_flight = 0  # the most file downloads served at the same time
+        self._files_in_flight = 0
         self._next: dict[str, deque[dict[str, Any]]] = {}
         self._running: dict[str, _Run] = {}
         self._suggested: dict[str, tuple[list[str], float]] = {}  # api key -> (questions, delay)
@@ -654,7 +658,15 @@ class FakeDify:
         if not request.query.get("sign"):
             raise DifyHTTPError(403, "forbidden", "Invalid request.")
         content_type = mimetypes.guess_type(request.match_info["name"])[0] or "application/octet-stream"
-        return web.Response(body=data, content_type=content_type)
+        self._files_in_flight += 1
+        self.max_files_in_flight = max(self.max_files_in_flight, self._files_in_flight)
+        try:
+            if self.file_delay:
+                await asyncio.sleep(self.file_delay)
+            self.files_served += 1
+            return web.Response(body=data, content_type=content_type)
+        finally:
+            self._files_in_flight -= 1
 
     async def _file_preview(self, request: web.Request) -> web.Response:
         uploaded = self.uploads.get(request.match_info["file_id"])
