@@ -38,6 +38,13 @@ class PeerError(DingdifydError):
     user_message = "The service did not answer. Please try again in a moment."
 
 
+class StoreUnavailable(DingdifydError):
+    """The bot's store could not be written (or read): a full or read-only disk, a locked database, Redis
+    out of reach. What was asked did not happen; the caller keeps it (or does not ACK the message)."""
+
+    exit_code = EX_TEMPFAIL
+
+
 # --- Dify -------------------------------------------------------------------------------------------------
 
 

@@ -10,11 +10,14 @@ connections at random). With this store they share what must be shared:
   in Lua). Host B therefore never resumes an answer host A is still streaming.
 
 Calls are synchronous, like the disk store's: the bridge claims a message before the frame is ACKed, and a
-Redis round trip on a LAN is well under a millisecond. Every call goes through `_call`, which bounds it (1 s
-socket timeouts, no retries) and, when Redis is unreachable, degrades instead of failing the answer: claims
-are granted (a redelivery could then be answered twice, though never into a second card: the card id is
-derived from the message), conversations are forgotten, in-flight records are skipped. After a failure,
-Redis is left alone for a few seconds, so an outage costs one timeout per few seconds, not one per call.
+Redis round trip on a LAN is well under a millisecond. Every call goes through `_call` (bounded: 1 s socket
+timeouts, no retries). What can degrade does when Redis is unreachable: conversations are not known,
+counters and peers keep their last values. What matters raises StoreUnavailable instead, so that the caller
+keeps it: a claim (the bridge then answers without shared state, `grants_claims_when_unreachable`: a
+redelivery could be answered twice, though never into a second card), and recording or ending an answer in
+flight (the bridge remembers the write and replays it once Redis is back, bridge/ledger.py). After a failure,
+Redis is left alone for a few seconds, so an outage costs one timeout per few seconds, not one per call; the
+lease renewal alone is always tried, since a lapsed lease lets other hosts adopt this one's answers.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from dingdifyd.config import redact_url, url_secrets
-from dingdifyd.errors import ConfigError
+from dingdifyd.errors import ConfigError, StoreUnavailable
 from dingdifyd.logsetup import register_secret
 from dingdifyd.store import MESSAGE_CLAIM_TTL, InFlight
 
@@ -46,6 +49,17 @@ LEASE_TTL = 30.0  # a process silent this long is gone: its answers in flight ma
 SOCKET_TIMEOUT = 1.0
 RETRY_AFTER = 5.0  # after a failure, seconds during which Redis is not asked again
 
+# Claim a message and, in the same step, record its answer in flight (with its owner): a crash between two
+# writes cannot leave a claimed message that nobody answers.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+    if ARGV[3] ~= '' then
+        redis.call('HSET', KEYS[2], ARGV[4], ARGV[3])
+    end
+    return 1
+end
+return 0
+"""
 # Adopt an in-flight record only if it is still exactly what the caller saw: of two hosts that find the
 # same orphan at once, one wins.
 _ADOPT = """
@@ -75,6 +89,7 @@ class RedisStore:
     distinct bot names) may share one Redis database."""
 
     shared = True
+    grants_claims_when_unreachable = True  # answer rather than stay silent while Redis is out of reach
 
     def __init__(
         self,
@@ -94,6 +109,7 @@ class RedisStore:
         self._clock = clock
         self._down_until = 0.0
         self._down = False
+        self.lease_renewed_at: float | None = None  # clock time of the last successful renewal
         self._prefix = f"dingdifyd:{bot_name}:"
         self._inflight = self._prefix + "inflight"
         self._consumers = self._prefix + "consumers"
@@ -109,12 +125,13 @@ class RedisStore:
             )
         except ValueError as exc:
             raise ConfigError([f"store: {self.url} is not a usable Redis URL: {exc}"]) from None
+        self._claim = self._redis.register_script(_CLAIM)
         self._adopt = self._redis.register_script(_ADOPT)
         self._incr = self._redis.register_script(_INCR)
-        self._check_access()
-        self.keep_alive()
+        if self._check_access():
+            self.keep_alive()
 
-    def _check_access(self) -> None:
+    def _check_access(self) -> bool:
         """A wrong password or database is a configuration error; an unreachable server is an outage."""
         try:
             self._redis.ping()
@@ -122,21 +139,31 @@ class RedisStore:
             raise ConfigError([f"store: {self.url} refused this bot: {exc}"]) from None
         except redis.RedisError as exc:
             self._fail("connecting", exc)
-            return
+            return False
         log.info("store: %s (shared by every process serving this bot)", self.url)
+        return True
 
     # --- the choke point ---------------------------------------------------------------------------------
 
     def _call(self, what: str, operation: Callable[[], T], fallback: T) -> T:
-        if self._clock() < self._down_until:
+        """`operation`, or `fallback` when Redis cannot be reached (now, or recently)."""
+        try:
+            return self._must(what, operation)
+        except StoreUnavailable:
             return fallback
+
+    def _must(self, what: str, operation: Callable[[], T], *, even_if_down: bool = False) -> T:
+        """`operation`; raises StoreUnavailable when Redis cannot be reached (now, or recently)."""
+        if self._clock() < self._down_until and not even_if_down:
+            raise StoreUnavailable(f"store {self.url}: {what}: unreachable")
         try:
             result = operation()
         except redis.RedisError as exc:
             self._fail(what, exc)
-            return fallback
+            raise StoreUnavailable(f"store {self.url}: {what}: {type(exc).__name__}") from None
         if self._down:
             self._down = False
+            self._down_until = 0.0
             log.info("store %s is reachable again", self.url)
         return result
 
@@ -152,15 +179,11 @@ class RedisStore:
 
     # --- Store protocol ----------------------------------------------------------------------------------
 
-    def claim_message(self, message_key: str) -> bool:
+    def claim_message(self, message_key: str, record: InFlight | None = None) -> bool:
         key = self._prefix + "msg:" + message_key
-        return bool(
-            self._call(
-                "claiming a message",
-                lambda: self._redis.set(key, self.consumer_id, nx=True, ex=int(MESSAGE_CLAIM_TTL)),
-                True,  # unreachable: answer rather than stay silent
-            )
-        )
+        value = self._encode(record, self.consumer_id) if record is not None else ""
+        args = [self.consumer_id, int(MESSAGE_CLAIM_TTL), value, message_key]
+        return bool(self._must("claiming a message", lambda: self._claim([key, self._inflight], args)))
 
     def get_conversation(self, session_key: str) -> str | None:
         key = self._prefix + "conv:" + session_key
@@ -182,12 +205,10 @@ class RedisStore:
     def begin_answer(self, record: InFlight) -> None:
         value = self._encode(record, self.consumer_id)
         field = record.message_key
-        self._call(
-            "recording an answer in flight", lambda: self._redis.hset(self._inflight, field, value), None
-        )
+        self._must("recording an answer in flight", lambda: self._redis.hset(self._inflight, field, value))
 
     def end_answer(self, message_key: str) -> None:
-        self._call("ending an answer in flight", lambda: self._redis.hdel(self._inflight, message_key), None)
+        self._must("ending an answer in flight", lambda: self._redis.hdel(self._inflight, message_key))
 
     def unfinished_answers(self) -> list[InFlight]:
         """The answers in flight of processes whose lease has expired, each now adopted by this one."""
@@ -229,10 +250,12 @@ class RedisStore:
         except ValueError:
             return 0
 
-    def keep_alive(self) -> None:
-        """Renew this process's lease; a lapsed lease lets other processes adopt its answers."""
+    def keep_alive(self) -> bool:
+        """Renew this process's lease; a lapsed lease lets other processes adopt its answers. Tried even
+        during an outage (it is the one call whose absence others act on); True when it was renewed."""
         info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": int(time.time())})
         lease_ms = max(int(self.lease_ttl * 1000), 1)
+        started = self._clock()
 
         def renew() -> None:
             with self._redis.pipeline(transaction=False) as pipe:
@@ -240,7 +263,23 @@ class RedisStore:
                 pipe.sadd(self._consumers, self.consumer_id)
                 pipe.execute()
 
-        self._call("renewing this process's lease", renew, None)
+        try:
+            self._must("renewing this process's lease", renew, even_if_down=True)
+        except StoreUnavailable:
+            return False
+        self.lease_renewed_at = started  # the lease runs from when the renewal was sent, at the latest
+        return True
+
+    def lease_expires_at(self) -> float | None:
+        """Clock time by which the lease lapses unless renewed (others may then adopt this one's answers)."""
+        return None if self.lease_renewed_at is None else self.lease_renewed_at + self.lease_ttl
+
+    def take_new_identity(self) -> str:
+        """Give up this process's identity (its lease could not be renewed in time): its answers in flight
+        become adoptable once the old lease lapses, by any process, this one included. Returns the old id."""
+        old, self.consumer_id = self.consumer_id, consumer_id()
+        self.lease_renewed_at = None
+        return old
 
     def peers(self) -> list[str]:
         """The other live processes serving this bot through this store (`host:pid:token`)."""
@@ -292,7 +331,9 @@ class RedisStore:
     def _decode(value: str) -> tuple[str, InFlight] | None:
         try:
             obj = json.loads(value)
-            return str(obj["owner"]), InFlight(**obj["record"])
-        except (ValueError, KeyError, TypeError):
+            fields = dict(obj["record"])
+            fields["pending_sends"] = tuple(dict(send) for send in fields.get("pending_sends", ()))
+            return str(obj["owner"]), InFlight(**fields)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from multiprocessing.connection import Connection
+from typing import Any
 
 import aiohttp
 
@@ -35,6 +36,8 @@ from dingdifyd.supervisor.child import ParentChannel, heartbeat_interval, heartb
 
 log = logging.getLogger(__name__)
 
+RECOVERY_RETRY = 5.0  # seconds between two looks at the answers left unfinished, when the store failed at start
+
 
 class BotRuntime:
     def __init__(
@@ -45,14 +48,19 @@ class BotRuntime:
         *,
         late_delivery_after: float = LATE_AFTER,
         card_backoff: dict[str, float] | None = None,
+        store: Store | None = None,
+        bridge_options: dict[str, Any] | None = None,
     ):
-        """`card_backoff`: the card scheduler's hold_base / retry_base ... (tests shorten DingTalk's 1 s)."""
+        """Test knobs: `card_backoff`, the card scheduler's hold_base / retry_base ... (tests shorten
+        DingTalk's 1 s); `store`, a store opened beforehand (e.g. with a short lease) instead of the bot's
+        own; `bridge_options`, more BridgeService settings (e.g. store_outage_notice_after)."""
         self.bot = bot
         self.daemon = daemon
         self.channel = channel
         self.bridge: BridgeService | None = None
         self.connection: StreamConnection | None = None
-        self.store: Store | None = None
+        self.store: Store | None = store
+        self._bridge_options = bridge_options or {}
         self.accounting: ApiAccounting | None = None
         self.scheduler: CardScheduler | None = None
         self._card_backoff = card_backoff or {}
@@ -63,10 +71,11 @@ class BotRuntime:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def _on_message(self, message: IncomingMessage) -> None:
+    def _on_message(self, message: IncomingMessage) -> bool:
+        """Whether to ACK the message's frame: not when the store could not claim it (DingTalk redelivers)."""
         assert self.bridge is not None
         self.delivery_watch.observe(message)
-        self.bridge.submit(message)
+        return self.bridge.submit(message).ack
 
     def _on_state(self, state: str) -> None:
         if state == "connected":
@@ -82,7 +91,7 @@ class BotRuntime:
 
     async def run(self) -> int:
         bot = self.bot
-        store = self.store = open_store(bot.store, bot.state_dir, bot.name)
+        store = self.store = self.store or open_store(bot.store, bot.state_dir, bot.name)
         try:
             # two sessions: long Dify streams must never hold up DingTalk's short calls (cards, files)
             async with aiohttp.ClientSession() as http, dify_session() as dify_http:
@@ -102,7 +111,7 @@ class BotRuntime:
                 )
                 self.bridge = BridgeService(
                     bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id),
-                    files=DingTalkFiles(api), scheduler=scheduler,
+                    files=DingTalkFiles(api), scheduler=scheduler, **self._bridge_options,
                 )  # fmt: skip
                 self.connection = StreamConnection(
                     client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
@@ -120,11 +129,16 @@ class BotRuntime:
         if resumed:
             log.warning("resuming %d answers an earlier process did not finish", resumed)
         self.delivery_watch.started(shared_store=self.store.shared)
-        tending = None
         if self.store.shared:
-            # renew this process's lease (also while stopping), adopt the answers of processes that are gone
+            # renew this process's lease (also while stopping), adopt the answers of processes that are gone,
+            # and hand ours over before the lease lapses when it cannot be renewed
             adopt = lambda: 0 if self._stop.is_set() else bridge.recover()  # noqa: E731
-            tending = asyncio.create_task(tend_shared_store(self.store, adopt), name="shared-store")
+            tending = asyncio.create_task(
+                tend_shared_store(self.store, adopt, hand_over=bridge.hand_over), name="shared-store"
+            )
+        else:
+            # the answers left unfinished could not be listed at start (the store failed): look again later
+            tending = asyncio.create_task(_retry_recovery(bridge), name="recovery")
         stream = asyncio.create_task(self.connection.run(), name="dingtalk-stream")
         stop = asyncio.create_task(self._stop.wait(), name="stop-request")
         watched = {stream, stop}
@@ -145,6 +159,7 @@ class BotRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await stream
             await bridge.drain(self.daemon.stop_timeout)
+            await bridge.ledger.aclose()
             if self.accounting is not None:
                 self.accounting.flush()
             log.info("stopped (%d answered, %d failed)", bridge.answered, bridge.failed)
@@ -156,6 +171,13 @@ class BotRuntime:
             for task in (stream, stop, beats, tending):
                 if task is not None:
                     task.cancel()
+
+
+async def _retry_recovery(bridge: BridgeService, every: float = RECOVERY_RETRY) -> None:
+    while True:
+        await asyncio.sleep(every)
+        if bridge.retry_recovery():
+            log.warning("resumed the answers an earlier process did not finish, now that the store works")
 
 
 def bot_process_main(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:

@@ -318,29 +318,24 @@ class OutgoingMedia:
             await asyncio.wait(tasks)
         return self.card_text(text, final=True)
 
-    async def send_after_card(self, plain_reply: Callable[[str], Awaitable[None]]) -> None:
-        """Images (delivery "message") and files, each as a message of its own, in order."""
+    def after_card(self) -> list[dict[str, str]]:
+        """What goes out after the card, in order, as plain data (kept with the answer in flight, so that a
+        successor sends what was not sent): images (delivery "message") and files, one message each."""
         if self.dingtalk is None:
-            return
+            return []
         self._collect()
-        sends: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        sends: list[dict[str, str]] = []
         if self.delivery == "message":
             for item in self._items.values():
                 if item.kind == "image" and item.media_id is not None:
-                    sends.append((item.name, _bind(self.dingtalk.send_image, self.message, item.media_id)))
+                    sends.append({"kind": "image", "target": item.media_id, "name": item.name})
             for url in [*self._external_images, *(k for k in self._extra if self._items[k].kind == "external")]:
-                sends.append((url, _bind(self.dingtalk.send_image, self.message, url)))
+                sends.append({"kind": "image", "target": url, "name": url})
         for key in self._files:
             item = self._items[key]
             if item.media_id is not None:
-                sends.append((item.name, _bind(self.dingtalk.send_file, self.message, item.media_id, item.name)))
-        for name, send in sends:
-            try:
-                await send()
-            except PeerError as exc:
-                log.warning("message %s: sending a file after the card failed: %s", self.message.msg_id, exc)
-                with contextlib.suppress(PeerError):
-                    await plain_reply(FILE_SEND_FAILED.format(name=name.rsplit("/", 1)[-1]))
+                sends.append({"kind": "file", "target": item.media_id, "name": item.name})
+        return sends
 
     async def aclose(self) -> None:
         """Stop uploads still running (the answer failed or was interrupted)."""
@@ -362,11 +357,23 @@ def _key_of(source: str) -> str:
     return f"{parts.netloc}{parts.path}"
 
 
-def _bind(function: Callable[..., Awaitable[None]], *args: Any) -> Callable[[], Awaitable[None]]:
-    async def call() -> None:
-        await function(*args)
-
-    return call
+async def send_after_card(
+    dingtalk: MessageFiles,
+    message: IncomingMessage,
+    send: Mapping[str, str],
+    plain_reply: Callable[[str], Awaitable[None]],
+) -> None:
+    """One of `OutgoingMedia.after_card()`'s messages; when DingTalk refuses it, the person is told instead."""
+    name = str(send.get("name") or "")
+    try:
+        if send.get("kind") == "image":
+            await dingtalk.send_image(message, str(send["target"]))
+        else:
+            await dingtalk.send_file(message, str(send["target"]), name)
+    except PeerError as exc:
+        log.warning("message %s: sending a file after the card failed: %s", message.msg_id, exc)
+        with contextlib.suppress(PeerError):
+            await plain_reply(FILE_SEND_FAILED.format(name=name.rsplit("/", 1)[-1]))
 
 
 def decode_data_url(url: str) -> bytes | None:

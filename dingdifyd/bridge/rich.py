@@ -4,8 +4,6 @@ while the answer streams and when it ends."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from dingdifyd.bridge.markdown import AnswerStyle, neutralise_links, render_answer
 from dingdifyd.bridge.media import MediaTransfers, OutgoingMedia
 from dingdifyd.bridge.models import IncomingMessage
@@ -51,8 +49,9 @@ class RichAnswer:
         """The card's final text, once every image is uploaded (or given up on)."""
         return neutralise_links(await self.media.final_text(render_answer(raw, self.style, final=True)))
 
-    async def after_card(self, plain_reply: Callable[[str], Awaitable[None]]) -> None:
-        await self.media.send_after_card(plain_reply)
+    def after_card(self) -> list[dict[str, str]]:
+        """The messages that follow the card (images, files), as data: see media.send_after_card."""
+        return self.media.after_card()
 
     async def aclose(self) -> None:
         await self.media.aclose()

@@ -10,20 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from dingdifyd.bridge import intake, session
 from dingdifyd.bridge.access import AccessPolicy
 from dingdifyd.bridge.apps import AppRouter
 from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.commands import ChatCommands
+from dingdifyd.bridge.ledger import AnswerLedger
 from dingdifyd.bridge.markdown import for_plain_reply
-from dingdifyd.bridge.media import MediaTransfers
+from dingdifyd.bridge.media import MediaTransfers, send_after_card
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
 from dingdifyd.bridge.progress import with_suggestions
+from dingdifyd.bridge.recent import RecentIds
 from dingdifyd.bridge.rich import RichAnswer
 from dingdifyd.bridge.running import AnswerTurn, RunningAnswers, stopped_text
 from dingdifyd.bridge.streamer import CardStreamer
@@ -38,7 +42,7 @@ from dingdifyd.dify.events import (
     text_from_outputs,
 )
 from dingdifyd.dingtalk.scheduler import CardScheduler
-from dingdifyd.errors import ConversationNotFound, PeerError
+from dingdifyd.errors import ConversationNotFound, PeerError, StoreUnavailable
 from dingdifyd.store import InFlight, Store
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,27 @@ EMPTY_ANSWER = "(The app returned an empty answer.)"
 INTERNAL_ERROR = "Something went wrong on our side while answering. Please try again."
 INTERRUPTED = "The bot is restarting and could not finish this answer. Please ask again in a moment."
 GAVE_UP = "This message could not be answered (the bot stopped several times while answering it)."
+CANNOT_TAKE_MESSAGES = (
+    "Sorry, I cannot take messages right now: the bot's server has a problem (its admin can see it in the "
+    "log). Please send your message again in a few minutes."
+)
+
+# A store that cannot write is an outage once it has lasted this long: people whose messages it refuses are
+# told (once per message), instead of waiting for DingTalk's redeliveries in silence.
+STORE_OUTAGE_NOTICE_AFTER = 60.0
+
+
+class Intake(enum.Enum):
+    """What became of a delivered message, and so whether its frame is ACKed."""
+
+    TAKEN = "taken"  # answered (or refused with a reply) here
+    DUPLICATE = "duplicate"  # already claimed: a redelivery
+    IGNORED = "ignored"  # nothing to answer, or the bot is stopping
+    NOT_TAKEN = "not taken"  # the store could not claim it: not ACKed, so that DingTalk delivers it again
+
+    @property
+    def ack(self) -> bool:
+        return self is not Intake.NOT_TAKEN
 
 
 class BridgeService:
@@ -62,11 +87,16 @@ class BridgeService:
         clock: Callable[[], float] = time.monotonic,
         files: MessageFiles | None = None,
         scheduler: CardScheduler | None = None,
+        store_outage_notice_after: float = STORE_OUTAGE_NOTICE_AFTER,
     ):
         self.bot = bot
         # the app's card-call scheduler, shared by every answer (None: each card unpaced, as in the terminal)
         self.scheduler = scheduler
         self.store = store
+        self.ledger = AnswerLedger(store)  # answers in flight: claimed, updated, ended, replayed when refused
+        self.store_outage_notice_after = store_outage_notice_after
+        self._store_failing_since: float | None = None
+        self._told_not_taken = RecentIds(1000)  # messages whose sender was told the bot cannot take them
         # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
         self.files = files
         self.incoming = IncomingFiles(bot=bot, dingtalk=files)
@@ -80,10 +110,15 @@ class BridgeService:
         self.clock = clock
         self.policy = UpdatePolicy(interval=bot.card_update_interval, min_chars=bot.card_update_min_chars)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._streamers: dict[str, CardStreamer] = {}  # message key -> the card of its answer in flight
+        self._answer_tasks: dict[str, asyncio.Task[None]] = {}
+        self._handed_over: set[str] = set()  # answers abandoned to another process: no more writes about them
         self._accepting = True
+        self._recovery_due = False  # the store could not list the answers left unfinished; ask again later
         self.answered = 0
         self.failed = 0
         self.redeliveries = 0  # messages recognised as already claimed (here, by an earlier process, or a peer)
+        self.not_taken = 0  # deliveries the store could not claim (not ACKed: DingTalk delivers them again)
 
     @property
     def in_flight(self) -> int:
@@ -91,48 +126,91 @@ class BridgeService:
 
     # --- entry points ------------------------------------------------------------------------------------
 
-    def submit(self, message: IncomingMessage) -> bool:
-        """Take a delivered message. Synchronous and quick: it runs before the frame is ACKed.
-
-        Returns False when the message is a redelivery (or the bot is stopping) and will not be answered here.
-        """
+    def submit(self, message: IncomingMessage) -> Intake:
+        """Take a delivered message. Synchronous and quick: it runs before the frame is ACKed, and its frame is
+        ACKed only when the result says so (a message the store could not claim is delivered again)."""
         key = session.message_key(message)
         if not self._accepting:
             log.warning("message %s arrived while stopping; not taken", message.msg_id)
-            return False
+            return Intake.IGNORED
         if not intake.answerable(message):
             log.warning("message %s has no sender or conversation to answer; ignored", message.msg_id)
-            return False
-        if not self.store.claim_message(key):
+            return Intake.IGNORED
+        refusal = self.access.refusal(message)
+        record = None
+        if refusal is None:
+            record = InFlight(key, dataclasses.asdict(message), session.out_track_id(message), attempts=1)
+        try:
+            claimed = self.ledger.claim(key, record)  # the claim and its answer in flight: one transaction
+        except StoreUnavailable:
+            self._not_taken(message)
+            return Intake.NOT_TAKEN
+        self._store_failing_since = None
+        if not claimed:
             self.redeliveries += 1
             log.info("message %s is a redelivery; already answered or being answered", message.msg_id)
-            return False
-        refusal = self.access.refusal(message)
-        if refusal is not None:
+            return Intake.DUPLICATE
+        if refusal is not None or record is None:
             log.info("message %s from %s refused (%s)", message.msg_id, message.user_id, refusal)
             self._refuse(message)
-            return True
-        record = InFlight(key, dataclasses.asdict(message), session.out_track_id(message), attempts=1)
-        self.store.begin_answer(record)
+            return Intake.TAKEN
         log.info(
             "message %s from %s in %s chat %s (%s, %d chars)",
             message.msg_id, message.user_id, "group" if message.is_group else "1:1",
             message.conversation_id, message.msg_type, len(message.text),
         )  # fmt: skip
         self._spawn(message, record, resumed=False)
-        return True
+        return Intake.TAKEN
+
+    def _not_taken(self, message: IncomingMessage) -> None:
+        """The store could not claim the message (the store logs the outage, once): it is not ACKed. Once the
+        outage has lasted, its sender is told, once per message, not left waiting in silence."""
+        self.not_taken += 1
+        now = self.clock()
+        if self._store_failing_since is None:
+            self._store_failing_since = now
+        log.info("message %s not taken: the store cannot claim it; DingTalk will deliver it again", message.msg_id)
+        if now - self._store_failing_since < self.store_outage_notice_after or not self._told_not_taken.add(
+            session.message_key(message)
+        ):
+            return
+
+        async def tell() -> None:
+            try:
+                await self.replies.plain_reply(message, CANNOT_TAKE_MESSAGES)
+            except PeerError as exc:
+                log.warning("message %s: the person could not be told (%s)", message.msg_id, type(exc).__name__)
+
+        task = asyncio.create_task(tell(), name=f"not-taken-{message.msg_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def recover(self) -> int:
-        """Finish the answers an earlier process of this bot started and did not end (it crashed or was killed)."""
+        """Finish the answers an earlier process of this bot started and did not end (it crashed or was killed):
+        only what is unfinished, so an answer whose card is final only gets what it had still to send."""
+        try:
+            records = self.store.unfinished_answers()
+        except StoreUnavailable:
+            self._recovery_due = True  # looked at again once the store works (see retry_recovery)
+            return 0
+        self._recovery_due = False
         resumed = 0
-        for record in self.store.unfinished_answers():
+        for record in records:
+            if record.message_key in self._streamers or record.message_key in self._handed_over:
+                continue  # answered here already (this process adopted it, or it was ours before)
             try:
                 message = IncomingMessage(**record.message)
             except TypeError:
-                self.store.end_answer(record.message_key)
+                self.ledger.end(record.message_key)
+                continue
+            if record.final_delivered:
+                log.warning("message %s: an earlier process delivered its answer; sending what it had left (%d)",
+                            message.msg_id, len(record.pending_sends))  # fmt: skip
+                self._spawn_task(self._finish_sends(message, record), f"sends-{message.msg_id}")
+                resumed += 1
                 continue
             record = dataclasses.replace(record, attempts=record.attempts + 1)
-            self.store.begin_answer(record)
+            self.ledger.save(record)
             log.warning(
                 "resuming message %s left unanswered by an earlier process (attempt %d)",
                 message.msg_id,
@@ -141,6 +219,27 @@ class BridgeService:
             self._spawn(message, record, resumed=True)
             resumed += 1
         return resumed
+
+    def retry_recovery(self) -> int:
+        """`recover` again if the store could not be read when it last tried."""
+        return self.recover() if self._recovery_due else 0
+
+    def hand_over(self) -> int:
+        """This process can no longer prove it is alive to the others sharing the store (its lease could not
+        be renewed in time): stop writing every card whose answer the store holds, at once and without a word,
+        since another process will adopt and finish it. Answers the store never learnt of go on here."""
+        handed = 0
+        for key, streamer in list(self._streamers.items()):
+            if not self.ledger.in_store(key):
+                continue
+            self._handed_over.add(key)
+            self.ledger.forget(key)
+            streamer.abandon()
+            handed += 1
+            task = self._answer_tasks.get(key)
+            if task is not None:
+                task.cancel()
+        return handed
 
     async def wait_idle(self) -> None:
         """Wait until every answer in flight has ended."""
@@ -161,29 +260,39 @@ class BridgeService:
     # --- one message --------------------------------------------------------------------------------------
 
     def _spawn(self, message: IncomingMessage, record: InFlight, *, resumed: bool) -> None:
-        task = asyncio.create_task(self._answer(message, record, resumed), name=f"answer-{message.msg_id}")
+        task = self._spawn_task(self._answer(message, record, resumed), f"answer-{message.msg_id}")
+        self._answer_tasks[record.message_key] = task
+        task.add_done_callback(lambda _: self._answer_tasks.pop(record.message_key, None))
+
+    def _spawn_task(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _answer(self, message: IncomingMessage, record: InFlight, resumed: bool) -> None:
         started = self.clock()
+        key = record.message_key
         card = self.replies.card(message, record.out_track_id)
 
         async def plain(text: str) -> None:
             await self.replies.plain_reply(message, for_plain_reply(text))
 
         streamer = CardStreamer(card, self.policy, plain, self.clock, scheduler=self.scheduler)
+        self._streamers[key] = streamer
         outcome = "failed"
+        sends: list[dict[str, str]] = []
         try:
             await streamer.open(already_exists_ok=resumed)
             if record.attempts > MAX_ATTEMPTS:
                 await streamer.fail(GAVE_UP)
                 return
-            outcome = await self._respond(message, streamer)
+            outcome, sends = await self._respond(message, streamer)
         except asyncio.CancelledError:
             outcome = "interrupted"
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(streamer.fail(_with_note(streamer.text, INTERRUPTED))), 10)
+            if key not in self._handed_over:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(streamer.fail(_with_note(streamer.text, INTERRUPTED))), 10)
             raise
         except PeerError as exc:
             log.warning(
@@ -199,11 +308,21 @@ class BridgeService:
             log.exception("message %s: unexpected error", message.msg_id)
             await streamer.fail(_with_note(streamer.text, INTERNAL_ERROR))
         finally:
-            self.store.end_answer(record.message_key)
-            if outcome == "answered":
-                self.answered += 1
+            self._streamers.pop(key, None)
+            if key in self._handed_over:
+                outcome = "handed over to another process"
             else:
-                self.failed += 1
+                if outcome == "answered":
+                    self.answered += 1
+                else:
+                    self.failed += 1
+                if streamer.delivered_by is not None:
+                    # the person has the final answer (or the note why not): from here on a successor must
+                    # only send what is left, never ask Dify again
+                    record = dataclasses.replace(record, final_delivered=True, pending_sends=tuple(sends))
+                    self.ledger.save(record)
+                if not record.pending_sends:
+                    self.ledger.end(key)
             log.info(
                 "message %s %s in %.2fs (%d card calls, %d chars%s)",
                 message.msg_id,
@@ -213,6 +332,23 @@ class BridgeService:
                 len(streamer.text),
                 ", sent as a plain reply" if streamer.delivered_by == "reply" else "",
             )
+        if record.pending_sends and key not in self._handed_over:
+            await self._finish_sends(message, record)
+
+    async def _finish_sends(self, message: IncomingMessage, record: InFlight) -> None:
+        """Send what follows the card (images, files), recording each as sent; then the answer is done."""
+        if self.files is not None:
+
+            async def plain(text: str) -> None:
+                await self.replies.plain_reply(message, for_plain_reply(text))
+
+            remaining = list(record.pending_sends)
+            while remaining:
+                await send_after_card(self.files, message, remaining[0], plain)
+                remaining.pop(0)
+                if remaining:
+                    self.ledger.save(dataclasses.replace(record, pending_sends=tuple(remaining)))
+        self.ledger.end(record.message_key)
 
     def _refuse(self, message: IncomingMessage) -> None:
         """A refused person gets the polite reply through the sessionWebhook: no card, no API quota used."""
@@ -229,24 +365,25 @@ class BridgeService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _respond(self, message: IncomingMessage, streamer: CardStreamer) -> str:
+    async def _respond(self, message: IncomingMessage, streamer: CardStreamer) -> tuple[str, list[dict[str, str]]]:
+        """Answer into the card; returns the outcome and the messages that follow the card (images, files)."""
         refusal = intake.refusal(message, max_chars=self.bot.max_message_chars)  # DingTalk errors, huge texts
         if refusal is not None:
             await streamer.finish(refusal)
-            return "answered"
+            return "answered", []
         text = message.text.strip()
         app = self.apps.route_for(message)
         key = app.session_key(message, self.bot.session_scope)
         reply = await self.commands.handle(text, key)  # None: not a command of ours (`/summarize` goes to Dify)
         if reply is not None:
             await streamer.finish(reply)
-            return "answered"
+            return "answered", []
         user = session.dify_user(message, self.bot.session_scope)
         # pictures, files and voice: what the app is asked, or why it cannot be (bridge/uploads.py)
         question = await self.incoming.prepare(message, text, user=user, app=app)
         if question.reply is not None:
             await streamer.finish(question.reply)
-            return "answered"
+            return "answered", []
         show = streamer.set_text if self.bot.show_progress else None
         turn = AnswerTurn(app=app, session_key=key, user=user, show=show)
         rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files,
@@ -257,10 +394,10 @@ class BridgeService:
                 answer = await self._ask_dify(message, question, streamer, turn, rich)
             final = await self._final_text(turn, await rich.final(answer)) or EMPTY_ANSWER
             await streamer.finish(_with_notes(final, question.notes))
-            await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
+            sends = rich.after_card()
         finally:
             await rich.aclose()
-        return "answered"
+        return "answered", sends
 
     async def _final_text(self, turn: AnswerTurn, answer: str) -> str:
         """The answer as the card ends with it: marked when stopped, followed by suggested questions."""

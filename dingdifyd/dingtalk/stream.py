@@ -29,6 +29,7 @@ import websockets.exceptions
 from dingtalk_stream.version import VERSION_STRING
 
 from dingdifyd.bridge.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
+from dingdifyd.bridge.recent import RecentIds
 from dingdifyd.config import Secret
 from dingdifyd.dingtalk.api import describe_transport_error
 from dingdifyd.dingtalk.ratelimit import ExponentialBackoff
@@ -188,31 +189,18 @@ def _frame_problem(frame: Any) -> str | None:
     return None
 
 
-class RecentIds:
-    """The last `size` ids seen, oldest forgotten first: a bounded memory of what was already logged."""
-
-    def __init__(self, size: int):
-        self._size = size
-        self._ids: dict[str, None] = {}
-
-    def add(self, item: str) -> bool:
-        """True when `item` is new."""
-        if item in self._ids:
-            return False
-        self._ids[item] = None
-        if len(self._ids) > self._size:
-            del self._ids[next(iter(self._ids))]
-        return True
-
-
 # --- the SDK glue -----------------------------------------------------------------------------------------
+
+
+_NO_ACK = -1  # what `process` returns for a frame that must not be ACKed
 
 
 class _ChatbotCallbackHandler(dingtalk_stream.CallbackHandler):
     """Hands each robot message to the bridge and returns at once: the SDK ACKs only after `process()`, and
-    DingTalk redelivers what is not ACKed within about 60 s."""
+    DingTalk redelivers what is not ACKed within about 60 s. `on_message` returns False for a message the
+    bot could not take (its store cannot claim it): it is not ACKed, and DingTalk delivers it again."""
 
-    def __init__(self, on_message: Callable[[IncomingMessage], None], robot_code: str):
+    def __init__(self, on_message: Callable[[IncomingMessage], bool | None], robot_code: str):
         super().__init__()
         self.logger = _sdk_log
         self._on_message = on_message
@@ -226,16 +214,21 @@ class _ChatbotCallbackHandler(dingtalk_stream.CallbackHandler):
                 log.warning("robot message without msgId ignored (frame %s)", message_id)
             else:
                 log.debug("robot message %s (frame %s, %s)", message.msg_id, message_id, message.msg_type)
-                self._on_message(message)
+                if self._on_message(message) is False:
+                    return _NO_ACK, ""
         except Exception:
             # Raising here would mean no ACK and a redelivery of the same failure a minute later.
             log.exception("handling robot message of frame %s failed", message_id)
         return dingtalk_stream.AckMessage.STATUS_OK, "OK"
 
+    async def raw_process(self, callback_message: dingtalk_stream.CallbackMessage) -> Any:
+        ack = await super().raw_process(callback_message)
+        return None if ack.code == _NO_ACK else ack  # the SDK sends no frame for None
+
 
 class StreamConnection(dingtalk_stream.DingTalkStreamClient):
     """One app's Stream connection, kept up until cancelled or closed. `on_message` is called synchronously
-    from the frame's task and must only schedule work."""
+    from the frame's task, must only schedule work, and returns False for a frame not to be ACKed."""
 
     def __init__(
         self,
@@ -244,7 +237,7 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         client_secret: Secret,
         api_base: str,
         session: aiohttp.ClientSession,
-        on_message: Callable[[IncomingMessage], None],
+        on_message: Callable[[IncomingMessage], bool | None],
         on_state: Callable[[str], None] = lambda state: None,
         open_timeout: float = 10.0,
         reconnect_min_delay: float = 1.0,
