@@ -12,8 +12,9 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -35,6 +36,8 @@ from dingdifyd.store import Store, open_store
 from dingdifyd.supervisor.child import ParentChannel, heartbeat_interval, heartbeat_loop
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RECOVERY_RETRY = 5.0  # seconds between two looks at the answers left unfinished, when the store failed at start
 
@@ -90,6 +93,44 @@ class BotRuntime:
                 self.channel.disconnected()
 
     async def run(self) -> int:
+        # heartbeats from the first moment: checking the Dify apps may take a while, and a silent bot is killed
+        beats = self._start_heartbeats()
+        try:
+            return await self._run(beats)
+        finally:
+            if beats is not None:
+                beats.cancel()
+
+    def _start_heartbeats(self) -> asyncio.Task[None] | None:
+        if self.channel is None:
+            return None
+        interval = heartbeat_interval(self.daemon.heartbeat_timeout)
+        return asyncio.create_task(
+            heartbeat_loop(
+                self.channel, interval,
+                lambda: self.bridge.in_flight if self.bridge is not None else 0,
+                lambda: self.accounting.stats() if self.accounting is not None else {},
+            ),
+            name="heartbeats",
+        )  # fmt: skip
+
+    async def _until_stopped(self, step: Awaitable[T], beats: asyncio.Task[None] | None) -> T | None:
+        """`step`'s result, or None when a stop is requested (or the supervisor goes away) first."""
+        task = asyncio.ensure_future(step)
+        stop = asyncio.create_task(self._stop.wait())
+        watched: set[asyncio.Future[Any]] = {task, stop, *([beats] if beats is not None else [])}
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+
+    async def _run(self, beats: asyncio.Task[None] | None) -> int:
         bot = self.bot
         store = self.store = self.store or open_store(bot.store, bot.state_dir, bot.name)
         try:
@@ -105,10 +146,14 @@ class BotRuntime:
                 scheduler = self.scheduler = CardScheduler(
                     bot.dingtalk_card_qps, pacing=accounting.pacing, **self._card_backoff
                 )
-                # the bot's Dify apps (its own, its routes'), checked before any message is taken: exit 78 when wrong
-                apps = await start_apps(
+                # the bot's Dify apps (its own, its routes'), checked before any message is taken: exit 78 when
+                # wrong; a stop request (SIGTERM) is heeded meanwhile
+                apps = await self._until_stopped(start_apps(
                     bot, bot_client(bot, dify_http), dify_http, where=key_path(self.daemon, bot), guard=GuardedAnswers
-                )
+                ), beats)  # fmt: skip
+                if apps is None:
+                    log.info("stopped while starting")
+                    return EX_OK
                 self.bridge = BridgeService(
                     bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id),
                     files=DingTalkFiles(api), scheduler=scheduler, **self._bridge_options,
@@ -118,11 +163,11 @@ class BotRuntime:
                     api_base=bot.dingtalk_api_base, session=http, on_message=self._on_message,
                     on_state=self._on_state,
                 )  # fmt: skip
-                return await self._serve()
+                return await self._serve(beats)
         finally:
             store.close()
 
-    async def _serve(self) -> int:
+    async def _serve(self, beats: asyncio.Task[None] | None) -> int:
         assert self.bridge is not None and self.connection is not None and self.store is not None
         bridge = self.bridge
         resumed = bridge.recover()
@@ -142,11 +187,7 @@ class BotRuntime:
         stream = asyncio.create_task(self.connection.run(), name="dingtalk-stream")
         stop = asyncio.create_task(self._stop.wait(), name="stop-request")
         watched = {stream, stop}
-        beats = None
-        if self.channel is not None:
-            interval = heartbeat_interval(self.daemon.heartbeat_timeout)
-            stats = self.accounting.stats if self.accounting is not None else None
-            beats = asyncio.create_task(heartbeat_loop(self.channel, interval, lambda: bridge.in_flight, stats))
+        if beats is not None:
             watched.add(beats)  # it returns when the supervisor is gone: an orphan stops too
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
@@ -168,9 +209,8 @@ class BotRuntime:
             log.error("credentials refused: %s; fix the bot's configuration (not restarting)", exc)
             return EX_CONFIG
         finally:
-            for task in (stream, stop, beats, tending):
-                if task is not None:
-                    task.cancel()
+            for task in (stream, stop, tending):
+                task.cancel()
 
 
 async def _retry_recovery(bridge: BridgeService, every: float = RECOVERY_RETRY) -> None:
