@@ -158,6 +158,7 @@ class DaemonConfig:
     heartbeat_timeout: float = 30.0  # a child whose loop is silent this long is replaced
     restart_delay_min: float = 1.0  # back-off before restarting a crashed bot process, doubling per crash
     restart_delay_max: float = 60.0
+    start_timeout: float = 30.0  # READY=1 at the latest this long after the start (or a reload)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def bot(self, name: str) -> BotConfig:
@@ -206,7 +207,7 @@ INHERITED_KEYS = (
     "default_image_query",
     "default_file_query",
 )
-DAEMON_KEYS = ("stop_timeout", "heartbeat_timeout", "restart_delay_min", "restart_delay_max")
+DAEMON_KEYS = ("stop_timeout", "heartbeat_timeout", "restart_delay_min", "restart_delay_max", "start_timeout")
 # Old `.env` names with no meaning here; accepted so an old EnvironmentFile does not produce noise.
 IGNORED_TOP_KEYS = ("default_max_workers",)
 BOT_ONLY_KEYS = (
@@ -237,6 +238,7 @@ NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "heartbeat_timeout": (1.0, 3600.0),
     "restart_delay_min": (0.01, 3600.0),
     "restart_delay_max": (0.01, 86400.0),
+    "start_timeout": (1.0, 3600.0),
     "dify_conversation_remain_time": (0.0, 525600.0),  # minutes: up to a year; 0: a new conversation each time
     "suggested_questions_timeout": (0.0, 60.0),
     "dify_connect_timeout": (0.1, 600.0),
@@ -298,7 +300,7 @@ class _Loader:
         defaults = self.top_level_defaults(raw)
         daemon = {key: self.number(key, raw.get(key, default), NUMBER_RANGES[key]) for key, default in (
             ("stop_timeout", 30.0), ("heartbeat_timeout", 30.0), ("restart_delay_min", 1.0),
-            ("restart_delay_max", 60.0),
+            ("restart_delay_max", 60.0), ("start_timeout", 30.0),
         )}  # fmt: skip
         if daemon["restart_delay_max"] < daemon["restart_delay_min"]:
             self.problem("restart_delay_max", "must be >= restart_delay_min")
@@ -737,6 +739,7 @@ def render_effective(config: DaemonConfig, reveal: Callable[[Any], Any] = masked
         "heartbeat_timeout": config.heartbeat_timeout,
         "restart_delay_min": config.restart_delay_min,
         "restart_delay_max": config.restart_delay_max,
+        "start_timeout": config.start_timeout,
         "bots": [{f.name: reveal(getattr(bot, f.name)) for f in dataclasses.fields(bot)} for bot in config.bots],
     }
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)

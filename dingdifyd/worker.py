@@ -161,7 +161,7 @@ class BotRuntime:
                 self.connection = StreamConnection(
                     client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
                     api_base=bot.dingtalk_api_base, session=http, on_message=self._on_message,
-                    on_state=self._on_state,
+                    on_state=self._on_state, on_failure=self.channel.problem if self.channel else lambda _: None,
                 )  # fmt: skip
                 return await self._serve(beats)
         finally:

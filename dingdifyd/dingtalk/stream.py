@@ -239,6 +239,7 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         session: aiohttp.ClientSession,
         on_message: Callable[[IncomingMessage], bool | None],
         on_state: Callable[[str], None] = lambda state: None,
+        on_failure: Callable[[str], None] = lambda reason: None,
         open_timeout: float = 10.0,
         reconnect_min_delay: float = 1.0,
         reconnect_max_delay: float = 60.0,
@@ -252,6 +253,7 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         self._open_url = api_base.rstrip("/") + "/v1.0/gateway/connections/open"
         self._session = session
         self._on_state = on_state
+        self._on_failure = on_failure  # why a connection attempt failed (no secret, no ticket in it)
         self._open_timeout = open_timeout
         self._backoff = ExponentialBackoff(base=reconnect_min_delay, cap=reconnect_max_delay)
         self._stable_after = stable_after
@@ -311,9 +313,11 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
                 raise
             except (DingTalkError, OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
                 log.warning("DingTalk Stream connection of %s failed: %s", self.client_id, _describe(exc))
-            except Exception:
+                self._report_failure(_describe(exc))
+            except Exception as exc:
                 # Whatever went wrong, the robot must come back: log it loudly and retry after a pause.
                 log.exception("DingTalk Stream connection of %s failed unexpectedly", self.client_id)
+                self._report_failure(f"unexpected {type(exc).__name__}")
             if self._stopping:
                 break
             if reconnect_now:
@@ -456,6 +460,12 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
     async def _send_quietly(websocket: Any, text: str) -> None:
         with contextlib.suppress(websockets.exceptions.WebSocketException, OSError):
             await websocket.send(text)
+
+    def _report_failure(self, reason: str) -> None:
+        try:
+            self._on_failure(f"DingTalk Stream: {reason}")
+        except Exception:
+            log.exception("on_failure failed")
 
     def _notify_state(self, state: str) -> None:
         try:

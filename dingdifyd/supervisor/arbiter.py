@@ -6,8 +6,9 @@ pipe and on the signal wakeup pipe, then, in this order: acts on signals, reads 
 exited children, fires due restarts / kills (per `state.BotLifecycle`), and updates systemd (STATUS, READY,
 WATCHDOG).
 
-READY=1 is sent once every bot is connected or FATAL: at start, and again after each SIGHUP reload (also a
-rejected one), so `systemctl reload` completes when the new configuration actually serves.
+READY=1 is sent once every bot is connected or FATAL, or the start window (`start_timeout`) is over: at start,
+and again after each SIGHUP reload (also a rejected one), so `systemctl reload` completes when the new
+configuration actually serves, and one bot that cannot connect never holds up the others.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dingdifyd.supervisor.state import (
     all_fatal,
     all_settled,
     healthy,
+    ready_due,
     status_text,
     summarize,
 )
@@ -124,6 +126,7 @@ class Arbiter:
         self._signals: SignalQueue | None = None
         self._stopping = False
         self._ready_pending = True
+        self._ready_deadline = float("inf")  # READY=1 at the latest then, connected or not
         self._status_note = ""
         self._last_status: str | None = None
         self._watchdog_interval = watchdog_interval()
@@ -145,6 +148,7 @@ class Arbiter:
             return EX_USAGE
         self._apply_daemon_config(config)
         self._configs = selected
+        self._ready_deadline = self._clock() + config.start_timeout
         self._signals = SignalQueue()
         self._signals.install()
         try:
@@ -264,6 +268,8 @@ class Arbiter:
     def _reload(self) -> None:
         self._notifier.reloading()
         self._ready_pending = True
+        assert self._daemon is not None
+        self._ready_deadline = self._clock() + self._daemon.start_timeout
         log.info("SIGHUP received: reloading %s", self._config_path)
         try:
             config = self._load_config(self._config_path)
@@ -409,6 +415,8 @@ class Arbiter:
                 if lifecycle.phase is Phase.RUNNING:
                     log.warning("%s: disconnected; the bot process is reconnecting", name)
                 lifecycle.disconnected()
+            case ("problem", str(text)):
+                lifecycle.report_problem(text)
             case _:
                 log.warning("%s: unknown message from the bot process ignored", name)
 
@@ -429,6 +437,7 @@ class Arbiter:
             how = _describe_exit(code, killed_by_us=child.killed)
             log.log(level, "%s: pid %s %s after %.1f s", name, pid, how, uptime)
             self._execute(name, lifecycle.exited(code))
+            lifecycle.problem = "configuration or credentials refused (exit 78)" if code == EX_CONFIG else how
             if lifecycle.phase is Phase.FATAL:
                 log.error(
                     "%s: configuration or credentials refused (exit %d); not restarting it until the "
@@ -468,6 +477,8 @@ class Arbiter:
         deadlines = [d for d in (lc.next_deadline() for lc in self._lifecycles.values()) if d is not None]
         if self._watchdog_interval is not None:
             deadlines.append(self._next_ping)
+        if self._ready_pending:
+            deadlines.append(self._ready_deadline)
         if not deadlines:
             return MAX_WAIT
         return max(0.0, min(MAX_WAIT, min(deadlines) - now))
@@ -482,10 +493,14 @@ class Arbiter:
             self._notifier.status(text)
             self._last_status = text
             log.debug("status: %s", text)
-        if self._ready_pending and not self._stopping and all_settled(wanted):
+        if self._ready_pending and not self._stopping and ready_due(wanted, now, self._ready_deadline):
             self._notifier.ready()
             self._ready_pending = False
-            log.info("ready: %s", text)
+            if all_settled(wanted):
+                log.info("ready: %s", text)
+            else:
+                log.warning("ready after the %.0f s start window, not every bot connected: %s",
+                            self._daemon.start_timeout if self._daemon else 0, text)  # fmt: skip
         if self._watchdog_interval is not None and now >= self._next_ping:
             # Withheld while a child is silent: if replacing it does not bring it back, systemd's watchdog
             # restarts the whole service. A skipped slot is not retried early.

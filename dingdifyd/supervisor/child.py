@@ -2,9 +2,9 @@
 
 Messages are small tuples on a one-way `multiprocessing` pipe: `("connected",)`, `("heartbeat", in_flight)`
 or `("heartbeat", in_flight, stats)` (a small dict of counters, e.g. `dingtalk_calls_month`),
-`("disconnected",)`. Any message proves the child's event loop runs; the supervisor replaces a child silent
-for `heartbeat_timeout`, so heartbeats must come from a coroutine on the bot's loop (`heartbeat_loop`), never
-from a thread.
+`("disconnected",)`, `("problem", text)` (why it is not connected). Any message proves the child's event
+loop runs; the supervisor replaces a child silent for `heartbeat_timeout`, so heartbeats must come from a
+coroutine on the bot's loop (`heartbeat_loop`), never from a thread.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from multiprocessing.connection import Connection
 from dingdifyd.supervisor import signals
 
 log = logging.getLogger(__name__)
+
+PROBLEM_MAX = 200  # characters of a "problem" message: a reason, not a log
 
 
 def child_bootstrap() -> None:
@@ -67,6 +69,10 @@ class ParentChannel:
 
     def disconnected(self) -> None:
         self._send(("disconnected",))
+
+    def problem(self, text: str) -> None:
+        """Why the bot is not connected (yet): shown in systemd's STATUS until it connects."""
+        self._send(("problem", text[:PROBLEM_MAX]))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

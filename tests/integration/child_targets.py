@@ -30,9 +30,10 @@ def dispatch(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
     channel = ParentChannel(conn)
     if kind == "fatal":
         sys.exit(EX_CONFIG)
-    if kind not in ("steady", "hang", "stubborn"):
+    if kind not in ("steady", "hang", "stubborn", "offline"):
         raise ValueError(f"no test target for {bot.name}")
-    sys.exit(asyncio.run(serve(bot, channel, hang=kind == "hang", ignore_term=kind == "stubborn")))
+    sys.exit(asyncio.run(serve(bot, channel, hang=kind == "hang", ignore_term=kind == "stubborn",
+                               offline=kind == "offline")))  # fmt: skip
 
 
 def record(bot: BotConfig, what: str) -> None:
@@ -40,8 +41,12 @@ def record(bot: BotConfig, what: str) -> None:
         file.write(f"{os.getpid()}\n")
 
 
-async def serve(bot: BotConfig, channel: ParentChannel, *, hang: bool, ignore_term: bool) -> int:
-    """Connect and heartbeat until SIGTERM (or the supervisor is gone); `hang` blocks the loop after a while."""
+OFFLINE_PROBLEM = "DingTalk Stream: gateway open failed (ClientConnectorError)"
+
+
+async def serve(bot: BotConfig, channel: ParentChannel, *, hang: bool, ignore_term: bool, offline: bool = False) -> int:
+    """Connect and heartbeat until SIGTERM (or the supervisor is gone); `hang` blocks the loop after a while;
+    `offline` never connects, and says why (a gateway that cannot be reached)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -52,7 +57,10 @@ async def serve(bot: BotConfig, channel: ParentChannel, *, hang: bool, ignore_te
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     beats = asyncio.create_task(heartbeat_loop(channel, BEAT, lambda: IN_FLIGHT))
-    channel.connected()
+    if offline:
+        channel.problem(OFFLINE_PROBLEM)
+    else:
+        channel.connected()
     if hang:
         await asyncio.sleep(HANG_AFTER)
         while True:

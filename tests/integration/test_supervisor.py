@@ -25,7 +25,7 @@ import yaml
 
 from dingdifyd.errors import EX_CONFIG, EX_USAGE
 from dingdifyd.supervisor.arbiter import Arbiter
-from tests.integration.child_targets import dispatch
+from tests.integration.child_targets import OFFLINE_PROBLEM, dispatch
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 15.0  # upper bound of any single wait; a passing run needs a small fraction of it
@@ -220,6 +220,21 @@ def test_ready_once_every_bot_connected_status_and_graceful_stop(supervisor: Sup
         assert not alive(pid)
     log = supervisor.log()
     assert "steady-a: started (pid" in log and "steady-b: started (pid" in log
+
+
+def test_a_bot_that_cannot_connect_does_not_hold_up_ready_and_status_says_why(supervisor: Supervisor) -> None:
+    supervisor.write_config(["steady-a", "offline-b"], start_timeout=1)
+    supervisor.start()
+    notify = supervisor.notify
+    ready = notify.wait_for("READY=1")  # the start window is used up: ready, with the healthy bot serving
+    statuses = [field for _, field in notify.fields("STATUS=", 0, ready + 1)]
+    assert "1/2 bots connected" in statuses[-1], statuses
+    assert f"not connected: offline-b ({OFFLINE_PROBLEM})" in statuses[-1], statuses
+    (healthy,) = supervisor.pids("steady-a")
+    (offline,) = supervisor.pids("offline-b")
+    assert alive(healthy) and alive(offline)  # nobody was restarted for it
+    supervisor.send(signal.SIGTERM)
+    assert supervisor.wait() == 0, supervisor.log()
 
 
 def test_killed_child_is_replaced_and_reconnects(supervisor: Supervisor) -> None:
