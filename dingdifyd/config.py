@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import grp
+import hmac
 import importlib.util
 import math
 import os
 import pwd
 import re
+import secrets
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,17 +53,41 @@ _FALSE = ("false", "no", "off", "0")
 DAEMON_GROUP = "dingdifyd"  # the packaged units' account (User=/Group=dingdifyd), which must read the file
 
 
+# Secrets are compared (a reload restarts a bot whose secret changed) by a keyed digest, never by value: the
+# key is drawn once per supervisor, and its bot processes inherit it, so they compare the same way.
+_DIGEST_KEY = secrets.token_bytes(32)
+
+
+class SealedSecretError(RuntimeError):
+    """A sealed secret's value was asked for: only the bot process that owns it loads it (`unseal_bot`)."""
+
+
 class Secret:
-    """A secret string. `str()` and `repr()` never reveal it; `reveal()` does, for the one place that sends it."""
+    """A secret string. `str()` and `repr()` never reveal it; `reveal()` does, for the one place that sends it.
 
-    __slots__ = ("_value", "source")
+    A sealed secret knows where it comes from and a digest of it, not its value: the supervisor holds only
+    sealed ones, so that no bot process (they are forked from it) inherits another bot's secrets."""
 
-    def __init__(self, value: str, source: str = "inline"):
+    __slots__ = ("_digest", "_value", "source")
+
+    def __init__(self, value: str | None, source: str = "inline", *, digest: bytes | None = None):
         self._value = value
         self.source = source
+        if digest is None:
+            digest = hmac.new(_DIGEST_KEY, (value or "").encode("utf-8", "surrogatepass"), "sha256").digest()
+        self._digest = digest
 
     def reveal(self) -> str:
+        if self._value is None:
+            raise SealedSecretError(f"a sealed secret ({self.source}) has no value here")
         return self._value
+
+    def sealed(self) -> Secret:
+        return Secret(None, self.source, digest=self._digest)
+
+    @property
+    def is_sealed(self) -> bool:
+        return self._value is None
 
     def __repr__(self) -> str:
         return f"<secret from {self.source}>"
@@ -69,10 +95,10 @@ class Secret:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return isinstance(other, Secret) and hmac.compare_digest(other._digest, self._digest)
 
     def __hash__(self) -> int:
-        return hash(self._value)
+        return hash(self._digest)
 
 
 @dataclass(frozen=True)
@@ -256,8 +282,11 @@ _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BotConfig) if f
 _FIELD_DEFAULTS["dify_inputs"] = DIFY_CONTEXT_INPUTS
 
 
-def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> DaemonConfig:
-    """Read and validate a config file. Raises ConfigError naming every problem."""
+def load(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, secrets_of: str | None = None
+) -> DaemonConfig:
+    """Read and validate a config file. Raises ConfigError naming every problem. `secrets_of`: read the
+    secrets of that bot only (the others' are left sealed and unread), as its bot process does."""
     environ = os.environ if environ is None else environ
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -271,7 +300,7 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         raise ConfigError([f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
-    loader = _Loader(str(path), environ)
+    loader = _Loader(str(path), environ, secrets_of=secrets_of)
     config = loader.build(raw)
     if loader.problems:
         raise ConfigError(loader.problems)
@@ -279,11 +308,13 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
 
 
 class _Loader:
-    def __init__(self, path: str, environ: Mapping[str, str]):
+    def __init__(self, path: str, environ: Mapping[str, str], *, secrets_of: str | None = None):
         self.path = path
         self.environ = environ
+        self.secrets_of = secrets_of  # None: every bot's secrets
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self._bot_name = ""  # the bot being read
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{key}: {message}")
@@ -368,6 +399,7 @@ class _Loader:
             self.problem(f"{where}.name", "missing")
             name = f"bot{where[5:-1]}"
         name = str(name).strip()
+        self._bot_name = name
         if "/" in name or name.startswith(".") or "\0" in name:
             self.problem(f"{where}.name", "must not contain '/' or start with '.' (it names a state directory)")
         merged = {**defaults, **{k: v for k, v in raw.items() if k in INHERITED_KEYS}}
@@ -600,6 +632,8 @@ class _Loader:
 
     def secret(self, where: str, bot_name: str, key: str, raw: dict[str, Any]) -> Secret | None:
         """Inline value, `<key>_file`, or the systemd credential `<bot>.<key>`, in that order."""
+        if self.secrets_of is not None and self._bot_name != self.secrets_of:
+            return Secret(None, "not read")  # another bot's: its own process reads it
         inline = raw.get(key)
         if inline is not None and str(inline).strip() != "":
             if isinstance(inline, dict | list):
@@ -678,6 +712,40 @@ def _from_env(text: str) -> Any:
 # Query parameters that carry a credential: redis-py reads `password` (the usual form for unix:// sockets) and
 # `ssl_password` (the TLS key's passphrase) from the URL; anything named like a secret is treated alike.
 _SECRET_PARAMETER = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
+
+
+def sealed(config: DaemonConfig) -> DaemonConfig:
+    """The configuration with every secret sealed: what the supervisor keeps (see Secret)."""
+    bots = tuple(_with_secrets(bot, lambda secret: secret.sealed()) for bot in config.bots)
+    return dataclasses.replace(config, bots=bots)
+
+
+def unseal_bot(path: str | os.PathLike[str], bot: BotConfig, environ: Mapping[str, str] | None = None) -> BotConfig:
+    """`bot` (as the supervisor knows it, sealed) with its own secrets read again from the file, files and
+    credentials, and no other bot's: what its process runs with. Raises ConfigError."""
+    fresh = load(path, environ, secrets_of=bot.name)
+    try:
+        mine = fresh.bot(bot.name)
+    except KeyError:
+        raise ConfigError([f"bots: {bot.name!r} is no longer in {path}; reload the configuration"]) from None
+    values = {key: getattr(mine, key) for key in SECRET_KEYS}
+    routes_now = {route.name: route for route in mine.routes}
+    routes = []
+    for route in bot.routes:
+        if route.name not in routes_now:
+            raise ConfigError([f"{bot.name}.routes: {route.name!r} is no longer in {path}; reload the configuration"])
+        routes.append(dataclasses.replace(route, dify_app_api_key=routes_now[route.name].dify_app_api_key))
+    return dataclasses.replace(bot, routes=tuple(routes), **values)
+
+
+def _with_secrets(bot: BotConfig, change: Callable[[Secret], Secret]) -> BotConfig:
+    routes = tuple(dataclasses.replace(r, dify_app_api_key=change(r.dify_app_api_key)) for r in bot.routes)
+    return dataclasses.replace(bot, routes=routes, **{key: change(getattr(bot, key)) for key in SECRET_KEYS})
+
+
+def bot_secrets(bot: BotConfig) -> list[Secret]:
+    """Every secret of a bot: its own and its routes'."""
+    return [*(getattr(bot, key) for key in SECRET_KEYS), *(route.dify_app_api_key for route in bot.routes)]
 
 
 def redact_url(url: str) -> str:

@@ -28,7 +28,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import dingdifyd.config
-from dingdifyd.config import SECRET_KEYS, BotConfig, DaemonConfig
+from dingdifyd.config import BotConfig, DaemonConfig
 from dingdifyd.errors import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_USAGE, ConfigError
 from dingdifyd.logsetup import register_secret, setup_logging
 from dingdifyd.supervisor.backoff import Backoff
@@ -76,14 +76,19 @@ class _Child:
 
 
 def _child_entry(
-    prepare: Callable[[BotConfig], None],
+    prepare: Callable[[BotConfig], BotConfig],
     target: ChildTarget,
     bot: BotConfig,
     daemon: DaemonConfig,
     conn: Connection,
 ) -> None:
-    """The first code a forked child runs: shed the supervisor's state, then run the target."""
-    prepare(bot)
+    """The first code a forked child runs: shed the supervisor's state, load its own secrets, run the target."""
+    try:
+        bot = prepare(bot)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config: %s", problem)
+        raise SystemExit(EX_CONFIG) from None
     try:
         target(bot, daemon, conn)
     except SystemExit:
@@ -137,7 +142,7 @@ class Arbiter:
     def run(self) -> int:
         """Supervise until stopped. Returns the process exit code: 0, 64 (unknown --bot), 78 (config)."""
         try:
-            config = self._load_config(self._config_path)
+            config = self._load_sealed()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config: %s", problem)
@@ -186,6 +191,11 @@ class Arbiter:
 
     # --- config --------------------------------------------------------------------------------------
 
+    def _load_sealed(self) -> DaemonConfig:
+        """The configuration, checked with every secret read, then kept with every secret sealed: each bot
+        process reads its own again after fork, so that none inherits another bot's (see config.Secret)."""
+        return dingdifyd.config.sealed(self._load_config(self._config_path))
+
     def _select(self, config: DaemonConfig) -> tuple[dict[str, BotConfig], list[str]]:
         bots = {bot.name: bot for bot in config.bots}
         if self._bot_names is None:
@@ -196,9 +206,6 @@ class Arbiter:
     def _apply_daemon_config(self, config: DaemonConfig) -> None:
         for warning in config.warnings:
             log.warning("config: %s", warning)
-        for bot in config.bots:
-            for key in SECRET_KEYS:
-                register_secret(getattr(bot, key))
         if self._log_setup is not None:
             self._log_setup(config.log_level, None)
         self._daemon = config
@@ -272,7 +279,7 @@ class Arbiter:
         self._ready_deadline = self._clock() + self._daemon.start_timeout
         log.info("SIGHUP received: reloading %s", self._config_path)
         try:
-            config = self._load_config(self._config_path)
+            config = self._load_sealed()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running configuration: %s", problem)
@@ -366,8 +373,9 @@ class Arbiter:
         lifecycle.spawned()
         log.info("%s: started (pid %s)", name, child.process.pid)
 
-    def _prepare_child(self, bot: BotConfig) -> None:
-        """Runs in the forked child: drop everything of the supervisor's that it inherited."""
+    def _prepare_child(self, bot: BotConfig) -> BotConfig:
+        """Runs in the forked child: drop everything of the supervisor's that it inherited, and read this bot's
+        own secrets (the supervisor holds none: see _load_sealed). Returns the bot with them."""
         reset_in_child()
         for child in self._children.values():
             child.reader.close()  # the supervisor's end of every pipe, this child's own included
@@ -375,6 +383,10 @@ class Arbiter:
             os.environ.pop(variable, None)  # talking to systemd is the supervisor's job alone
         if self._log_setup is not None:
             self._log_setup(bot.log_level, bot.name)
+        bot = dingdifyd.config.unseal_bot(self._config_path, bot)
+        for secret in dingdifyd.config.bot_secrets(bot):
+            register_secret(secret)  # never in a log line of this process
+        return bot
 
     def _signal(self, name: str, signum: int) -> None:
         child = self._children.get(name)

@@ -7,6 +7,9 @@ so a test can tell a restart (new pid) from a survivor (same pid) and see who wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import json
 import os
 import signal
 import sys
@@ -14,7 +17,8 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from dingdifyd.config import BotConfig, DaemonConfig
+from dingdifyd import logsetup
+from dingdifyd.config import BotConfig, DaemonConfig, Secret
 from dingdifyd.errors import EX_CONFIG
 from dingdifyd.supervisor.child import ParentChannel, child_bootstrap, heartbeat_loop
 
@@ -30,10 +34,25 @@ def dispatch(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
     channel = ParentChannel(conn)
     if kind == "fatal":
         sys.exit(EX_CONFIG)
+    if kind == "secrets":
+        write_secrets_held(bot)
+        kind = "steady"
     if kind not in ("steady", "hang", "stubborn", "offline"):
         raise ValueError(f"no test target for {bot.name}")
     sys.exit(asyncio.run(serve(bot, channel, hang=kind == "hang", ignore_term=kind == "stubborn",
                                offline=kind == "offline")))  # fmt: skip
+
+
+def write_secrets_held(bot: BotConfig) -> None:
+    """Every secret value this process can reach: live Secret objects (its config, the supervisor's objects it
+    inherited by fork) and the log redaction's list."""
+    held: set[str] = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, Secret):
+            with contextlib.suppress(Exception):
+                held.add(obj.reveal())
+    held |= set(logsetup._secrets)
+    (Path(bot.state_dir) / f"{bot.name}.secrets").write_text(json.dumps(sorted(held)))
 
 
 def record(bot: BotConfig, what: str) -> None:

@@ -401,3 +401,36 @@ def test_check_config_hides_a_password_given_in_the_query(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "pa55word" not in result.stdout + result.stderr
     assert "unix:///run/redis/redis.sock?password=***" in result.stdout
+
+
+def test_the_supervisor_keeps_sealed_secrets_and_a_bot_process_reads_only_its_own(tmp_path):
+    key_file = tmp_path / "b.key"
+    key_file.write_text("app-key-of-b\n")
+    text = ORIGINAL_BOTS_YAML + f"""  - name: b
+    dingtalk_app_client_id: dingb
+    dingtalk_app_client_secret: client-secret-of-b
+    dify_app_type: chatbot
+    dify_app_api_key_file: {key_file}
+"""
+    path = write(tmp_path, text)
+    loaded = config.load(path, environ={})
+    kept = config.sealed(loaded)
+    for bot, original in zip(kept.bots, loaded.bots, strict=True):
+        for secret in config.bot_secrets(bot):
+            assert secret.is_sealed
+            with pytest.raises(config.SealedSecretError):
+                secret.reveal()
+        assert bot == original  # compared by digest: a reload still sees whether a secret changed
+    key_file.chmod(0)  # b's file unreadable: a's process never tries to read it
+    key_file.unlink()
+    mine = config.unseal_bot(path, kept.bots[0], environ={})
+    assert mine.dingtalk_app_client_secret.reveal() == "s3cr3t-client-value"
+    assert mine.dify_app_api_key.reveal() == "app-0123456789abcdefghij"
+    assert mine == loaded.bots[0]
+
+
+def test_a_changed_secret_makes_the_sealed_configs_differ(tmp_path):
+    first = config.sealed(config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={}))
+    changed = ORIGINAL_BOTS_YAML.replace("s3cr3t-client-value", "another-client-value")
+    second = config.sealed(config.load(write(tmp_path, changed), environ={}))
+    assert first.bots[0] != second.bots[0]
