@@ -149,6 +149,9 @@ class BotConfig:
     dify_first_byte_timeout: float = 60.0  # until the response headers arrive
     dify_idle_timeout: float = 60.0  # between two events; Dify pings every 10 s
     dify_total_timeout: float = 1200.0  # one whole answer; Dify's own APP_MAX_EXECUTION_TIME is 1200 s
+    # answers in flight at one Dify (its base URL), counted across the bots and hosts sharing state with this
+    # one; more wait in a fair queue. A stock Dify (database pool 30 + 10) survives 10 with room to spare
+    dify_max_concurrency: int = 10
     max_message_chars: int = 20000  # longer messages are refused with a clear reply, not sent to Dify
     dingtalk_timeout: float = 10.0  # every DingTalk OpenAPI call
     card_update_interval: float = 0.5  # seconds between two intermediate updates of one card
@@ -220,6 +223,7 @@ INHERITED_KEYS = (
     "dify_first_byte_timeout",
     "dify_idle_timeout",
     "dify_total_timeout",
+    "dify_max_concurrency",
     "max_message_chars",
     "dingtalk_timeout",
     "card_update_interval",
@@ -276,6 +280,7 @@ NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "dingtalk_card_qps": (0.1, 1e6),  # far above DingTalk's 20: the benchmarks lift the simulator's limit
     "card_update_min_chars": (0, 10000),
     "max_message_chars": (1, 1_000_000),
+    "dify_max_concurrency": (1, 10_000),
     "dingtalk_api_monthly_budget": (1, 1_000_000_000),
 }
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BotConfig) if f.default is not dataclasses.MISSING}
@@ -460,7 +465,7 @@ class _Loader:
             "dingtalk_timeout", "card_update_interval", "dingtalk_card_qps",
         ):  # fmt: skip
             values[key] = self.number(at(key), merged[key], NUMBER_RANGES[key])
-        for key in ("card_update_min_chars", "max_message_chars"):
+        for key in ("card_update_min_chars", "max_message_chars", "dify_max_concurrency"):
             values[key] = self.whole_number(at(key), merged[key], NUMBER_RANGES[key])
         budget = merged["dingtalk_api_monthly_budget"]  # none: no budget, only DingTalk's own quota
         if self.optional_str(budget) is not None:

@@ -96,6 +96,18 @@ class DifyUnavailable(DifyError):
     user_message = "The AI service cannot be reached right now. Please try again later."
 
 
+class DifyOverloaded(DifyError):
+    """Most recent requests to this Dify failed (its circuit is open): it is not asked, for now."""
+
+    user_message = "The AI service is having trouble right now, so I did not ask it. Please try again in a minute."
+
+
+class DifyQueueFull(DifyRateLimited):
+    """The answer waited for its turn at Dify longer than dingdifyd lets an answer wait."""
+
+    user_message = "Too many questions are waiting for the AI service right now. Please try again in a few minutes."
+
+
 # --- DingTalk ---------------------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import diskcache
 
+from dingdifyd.dify.slots import SlotTable, SqliteSlots
 from dingdifyd.errors import ConfigError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # meanwhile, so it is short; a lock held longer is an outage, see DiskStore._io)
 SQLITE_TIMEOUT = 2.0
 _INFLIGHT_INDEX = ("inflight-index",)
+DIFY_SLOTS_FILE = "dify-slots.sqlite3"
 MESSAGE_CLAIM_TTL = 7 * 24 * 3600.0  # DingTalk redelivers within minutes; a week is generous and still bounded
 
 
@@ -82,6 +84,11 @@ class Store(Protocol):
         ...
 
     def unfinished_answers(self) -> list[InFlight]: ...
+
+    def dify_slots(self) -> SlotTable:
+        """The table of answers in flight per Dify, shared with whoever shares this store's state."""
+        ...
+
     def keep_alive(self) -> bool: ...
     def peers(self) -> list[str]: ...
     def incr(self, key: str, amount: int = 1, expire: float | None = None) -> int: ...
@@ -232,6 +239,11 @@ class DiskStore:
     def keep_alive(self) -> bool:
         """Nothing to renew: no other process adopts answers from a disk store."""
         return True
+
+    def dify_slots(self) -> SqliteSlots:
+        """A slot table next to the bots' state directories: the bots of one host whose state_dir is the same
+        (those of one config file, by default) share their Difys' bounds."""
+        return SqliteSlots(self.path.parent / DIFY_SLOTS_FILE)
 
     def peers(self) -> list[str]:
         return []

@@ -23,13 +23,14 @@ lease renewal alone is always tried, since a lapsed lease lets other hosts adopt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import redis
@@ -37,6 +38,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from dingdifyd.config import redact_url, url_secrets
+from dingdifyd.dify.slots import SLOT_LEASE, WAITING_TTL
 from dingdifyd.errors import ConfigError, StoreUnavailable
 from dingdifyd.logsetup import register_secret
 from dingdifyd.store import MESSAGE_CLAIM_TTL, InFlight
@@ -68,6 +70,52 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
     return 1
 end
 return 0
+"""
+# The Dify slot table (dify/slots.py) in Redis, shared by every host: a sorted set of slots scored by when
+# their lease ends, and one of the processes waiting, scored by since when (with their own expiries). Redis's
+# clock decides the leases, so the hosts' clocks need not agree on them.
+_SLOT_PRELUDE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+    redis.call('ZREM', KEYS[2], gone)
+    redis.call('ZREM', KEYS[3], gone)
+end
+"""
+_SLOT_TAKE = _SLOT_PRELUDE + """
+local limit, since, owner, slot = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local lease, waiting_ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local other = nil
+local first = redis.call('ZRANGE', KEYS[2], 0, 1, 'WITHSCORES')
+for i = 1, #first, 2 do
+    if first[i] ~= owner then other = tonumber(first[i + 1]) break end
+end
+if redis.call('ZCARD', KEYS[1]) < limit and (other == nil or since <= other) then
+    redis.call('ZADD', KEYS[1], now + lease, slot)
+    redis.call('PEXPIRE', KEYS[1], lease)
+    return 1
+end
+redis.call('ZADD', KEYS[2], since, owner)
+redis.call('ZADD', KEYS[3], now + waiting_ttl, owner)
+redis.call('PEXPIRE', KEYS[2], waiting_ttl)
+redis.call('PEXPIRE', KEYS[3], waiting_ttl)
+return 0
+"""
+_SLOT_RENEW = _SLOT_PRELUDE + """
+local lease, waiting_ttl, owner, since = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+for i = 5, #ARGV do
+    redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
+end
+if #ARGV >= 5 then redis.call('PEXPIRE', KEYS[1], lease) end
+if since ~= '' then
+    redis.call('ZADD', KEYS[2], tonumber(since), owner)
+    redis.call('ZADD', KEYS[3], now + waiting_ttl, owner)
+    redis.call('PEXPIRE', KEYS[2], waiting_ttl)
+    redis.call('PEXPIRE', KEYS[3], waiting_ttl)
+end
+return 1
 """
 # Add to a counter; give it its expiry on its first increment only (a day's count lives three days, say).
 _INCR = """
@@ -127,6 +175,8 @@ class RedisStore:
             raise ConfigError([f"store: {self.url} is not a usable Redis URL: {exc}"]) from None
         self._claim = self._redis.register_script(_CLAIM)
         self._adopt = self._redis.register_script(_ADOPT)
+        self._slot_take = self._redis.register_script(_SLOT_TAKE)
+        self._slot_renew = self._redis.register_script(_SLOT_RENEW)
         self._incr = self._redis.register_script(_INCR)
         if self._check_access():
             self.keep_alive()
@@ -294,6 +344,10 @@ class RedisStore:
         self._peers = [m for m, live in zip(others, alive, strict=True) if live]
         return self._peers
 
+    def dify_slots(self) -> RedisSlots:
+        """The Dify slot table, shared by every host on this Redis (and every bot: its keys name no bot)."""
+        return RedisSlots(self)
+
     def close(self) -> None:
         # a graceful stop has ended its answers; whatever is left is adoptable at once
         def leave() -> None:
@@ -337,3 +391,50 @@ class RedisStore:
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
+
+
+class RedisSlots:
+    """dify/slots.py's SlotTable in Redis, through the store's choke point (StoreUnavailable when out of reach)."""
+
+    def __init__(self, store: RedisStore, *, lease: float = SLOT_LEASE, waiting_ttl: float = WAITING_TTL):
+        self._store = store
+        self.owner = consumer_id()
+        self.lease_ms = max(int(lease * 1000), 1)
+        self.waiting_ttl_ms = max(int(waiting_ttl * 1000), 1)
+
+    @staticmethod
+    def _keys(base: str) -> list[str]:
+        digest = hashlib.sha256(base.encode()).hexdigest()[:16]
+        return [f"dingdifyd:dify:{digest}:slots", f"dingdifyd:dify:{digest}:waiting",
+                f"dingdifyd:dify:{digest}:waiting-expiry"]  # fmt: skip
+
+    def try_acquire(self, base: str, limit: int, since: float) -> str | None:
+        slot = f"{self.owner}:{secrets.token_hex(6)}"
+        args = [limit, int(since * 1000), self.owner, slot, self.lease_ms, self.waiting_ttl_ms]
+        store = self._store
+        won = store._must("taking a Dify slot", lambda: store._slot_take(self._keys(base), args))
+        return slot if won == 1 else None
+
+    def renew(self, base: str, slot_ids: Sequence[str], waiting_since: float | None) -> None:
+        since = "" if waiting_since is None else str(int(waiting_since * 1000))
+        args = [self.lease_ms, self.waiting_ttl_ms, self.owner, since, *slot_ids]
+        store = self._store
+        store._must("renewing Dify slots", lambda: store._slot_renew(self._keys(base), args))
+
+    def release(self, base: str, slot_id: str) -> None:
+        key = self._keys(base)[0]
+        self._store._must("freeing a Dify slot", lambda: self._store._redis.zrem(key, slot_id))
+
+    def stop_waiting(self, base: str) -> None:
+        _, waiting, expiry = self._keys(base)
+
+        def leave() -> None:
+            with self._store._redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(waiting, self.owner)
+                pipe.zrem(expiry, self.owner)
+                pipe.execute()
+
+        self._store._must("leaving the Dify queue", leave)
+
+    def close(self) -> None:
+        pass  # the store's connection is the store's to close

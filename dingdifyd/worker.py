@@ -24,7 +24,9 @@ from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.config import BotConfig, DaemonConfig
 from dingdifyd.delivery_watch import LATE_AFTER, DeliveryWatch
+from dingdifyd.dify.client import DifyClient
 from dingdifyd.dify.guarded import GuardedAnswers
+from dingdifyd.dify.protected import DifyProtections, ProtectedAnswers, ProtectionSettings
 from dingdifyd.dingtalk.accounting import ApiAccounting
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.files import DingTalkFiles
@@ -53,10 +55,12 @@ class BotRuntime:
         card_backoff: dict[str, float] | None = None,
         store: Store | None = None,
         bridge_options: dict[str, Any] | None = None,
+        dify_protection: dict[str, Any] | None = None,
     ):
         """Test knobs: `card_backoff`, the card scheduler's hold_base / retry_base ... (tests shorten
         DingTalk's 1 s); `store`, a store opened beforehand (e.g. with a short lease) instead of the bot's
-        own; `bridge_options`, more BridgeService settings (e.g. store_outage_notice_after)."""
+        own; `bridge_options`, more BridgeService settings (e.g. store_outage_notice_after); `dify_protection`,
+        ProtectionSettings fields (e.g. a shorter circuit cool-down)."""
         self.bot = bot
         self.daemon = daemon
         self.channel = channel
@@ -64,8 +68,10 @@ class BotRuntime:
         self.connection: StreamConnection | None = None
         self.store: Store | None = store
         self._bridge_options = bridge_options or {}
+        self._dify_protection = dify_protection or {}
         self.accounting: ApiAccounting | None = None
         self.scheduler: CardScheduler | None = None
+        self.protections: DifyProtections | None = None
         self._card_backoff = card_backoff or {}
         self.delivery_watch = DeliveryWatch(bot.dingtalk_app_client_id, late_after=late_delivery_after)
         self._stop = asyncio.Event()
@@ -146,10 +152,20 @@ class BotRuntime:
                 scheduler = self.scheduler = CardScheduler(
                     bot.dingtalk_card_qps, pacing=accounting.pacing, **self._card_backoff
                 )
+                # each Dify protected from bursts: a bound on answers in flight shared through the store's slot
+                # table, a fair queue, one retry, a circuit breaker (dify/protected.py)
+                protections = self.protections = DifyProtections(
+                    store.dify_slots(),
+                    ProtectionSettings(max_concurrency=bot.dify_max_concurrency, **self._dify_protection),
+                )
+
+                def guard(client: DifyClient) -> ProtectedAnswers:
+                    return ProtectedAnswers(GuardedAnswers(client), protections.for_url(client.base_url))
+
                 # the bot's Dify apps (its own, its routes'), checked before any message is taken: exit 78 when
                 # wrong; a stop request (SIGTERM) is heeded meanwhile
                 apps = await self._until_stopped(start_apps(
-                    bot, bot_client(bot, dify_http), dify_http, where=key_path(self.daemon, bot), guard=GuardedAnswers
+                    bot, bot_client(bot, dify_http), dify_http, where=key_path(self.daemon, bot), guard=guard
                 ), beats)  # fmt: skip
                 if apps is None:
                     log.info("stopped while starting")
@@ -165,6 +181,8 @@ class BotRuntime:
                 )  # fmt: skip
                 return await self._serve(beats)
         finally:
+            if self.protections is not None:
+                self.protections.close()
             store.close()
 
     async def _serve(self, beats: asyncio.Task[None] | None) -> int:

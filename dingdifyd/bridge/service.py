@@ -34,8 +34,10 @@ from dingdifyd.bridge.streamer import CardStreamer
 from dingdifyd.bridge.uploads import IncomingFiles, Question
 from dingdifyd.config import BotConfig
 from dingdifyd.dify.events import (
+    Admitted,
     MessageEnd,
     MessageFile,
+    Queued,
     TextDelta,
     TextReplace,
     WorkflowFinished,
@@ -53,6 +55,8 @@ EMPTY_ANSWER = "(The app returned an empty answer.)"
 INTERNAL_ERROR = "Something went wrong on our side while answering. Please try again."
 INTERRUPTED = "The bot is restarting and could not finish this answer. Please ask again in a moment."
 GAVE_UP = "This message could not be answered (the bot stopped several times while answering it)."
+QUEUED = "⏳ Queued: {ahead} ahead"  # the answer waits for its turn at the AI service (dify/protected.py)
+QUEUE_YOUR_TURN = "⏳ It is your turn; the answer is on its way."
 CANNOT_TAKE_MESSAGES = (
     "Sorry, I cannot take messages right now: the bot's server has a problem (its admin can see it in the "
     "log). Please send your message again in a few minutes."
@@ -442,24 +446,36 @@ class BridgeService:
             inputs={**await turn.app.inputs_for(message), **question.inputs},
             files=question.files or None,
         )
-        # the turn records the task id (/stop), shows progress until the text starts, and ends early when stopped
-        async for event in turn.events(stream):
-            if event.conversation_id and event.conversation_id != remembered and not turn.detached:
-                # remember at once: even if this answer fails later, the next message continues the conversation
-                self.store.set_conversation(key, event.conversation_id, ttl)
-                remembered = event.conversation_id
-            if isinstance(event, MessageFile | WorkflowFinished):
-                rich.see(event)  # images and files beside the text
-            if isinstance(event, TextDelta):
-                answer += event.text
-                streamer.set_text(answer)
-            elif isinstance(event, TextReplace):
-                answer = event.text
-                streamer.set_text(answer)
-            elif isinstance(event, WorkflowFinished) and not answer:
-                answer = text_from_outputs(event.outputs)
-            elif isinstance(event, MessageEnd):
-                break
+        queue_shown = False  # the card says the answer waits for its turn (not the answer, nor a failure's)
+        try:
+            # the turn records the task id (/stop), shows progress until the text starts, ends early when stopped
+            async for event in turn.events(stream):
+                if event.conversation_id and event.conversation_id != remembered and not turn.detached:
+                    # remember at once: even if this answer fails later, the next message continues the conversation
+                    self.store.set_conversation(key, event.conversation_id, ttl)
+                    remembered = event.conversation_id
+                if isinstance(event, MessageFile | WorkflowFinished):
+                    rich.see(event)  # images and files beside the text
+                if isinstance(event, TextDelta):
+                    answer += event.text
+                    streamer.set_text(answer)
+                elif isinstance(event, TextReplace):
+                    answer = event.text
+                    streamer.set_text(answer)
+                elif isinstance(event, Queued):
+                    # the card shows the place when it changes; the streamer paces the updates like any text
+                    streamer.set_text(QUEUED.format(ahead=event.ahead))
+                    queue_shown = True
+                elif isinstance(event, Admitted):
+                    streamer.set_text(QUEUE_YOUR_TURN)
+                elif isinstance(event, WorkflowFinished) and not answer:
+                    answer = text_from_outputs(event.outputs)
+                elif isinstance(event, MessageEnd):
+                    break
+        except BaseException:
+            if queue_shown and not answer:
+                streamer.set_text("")  # a failure shows its note alone, not after a place in a queue
+            raise
         if remembered and not turn.detached:
             self.store.set_conversation(key, remembered, ttl)  # sliding expiry: every turn restarts the clock
         return answer

@@ -37,7 +37,7 @@ WAIT = 30.0
 @pytest.fixture
 async def dify() -> AsyncIterator[FakeDify]:
     fake = await start_fake_dify(default_apps=True)
-    fake.configure(dify_key("chatbot"), token_delay=0.002, slow_token_delay=0.2)
+    fake.configure(dify_key("chatbot"), token_delay=0.002, slow_token_delay=0.1)
     yield fake
     await fake.close()
 
@@ -207,19 +207,27 @@ class RefusingProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # refused from now on
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # Redis itself is gone (the test's end): so is this connection
+                client.close()
+                continue
             with self._lock:
                 self._connections |= {client, upstream}
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+        with self._lock:
+            closing = source in self._connections
+            self._connections.discard(source)
+        if closing:
+            source.close()
 
 
 async def test_an_answer_ended_during_a_redis_blip_is_ended_once_redis_answers(redis_service):
@@ -266,7 +274,7 @@ async def test_a_host_that_cannot_renew_its_lease_hands_its_card_over_before_it_
         store_a = RedisStore(proxy.url, "helpdesk", lease_ttl=1.5, retry_after=0.05)
         store_b = RedisStore(redis_service.url, "helpdesk", lease_ttl=1.5)
         async with running_bot(config_a, store=store_a) as host_a:
-            data = dingtalk.make_text_message("a slow question for host A")  # 40 words, 0.2 s apart
+            data = dingtalk.make_text_message("a slow question for host A")  # 40 words, 0.1 s apart
             dingtalk.push_message(CLIENT_ID, data)
             track = out_track_id(parse_incoming(data))
             await dingtalk.wait_for(lambda: track in dingtalk.cards and dingtalk.cards[track].timeline, WAIT, "text")
@@ -277,6 +285,7 @@ async def test_a_host_that_cannot_renew_its_lease_hands_its_card_over_before_it_
                 assert host_b.bridge.answered == 1  # B adopted the answer once A's lease lapsed
                 assert host_a.bridge.answered == 0 and host_a.bridge.failed == 0  # A neither ended nor failed it
             await proxy.open()
+            await proxy.refuse()
     finalizing = [update for update in card.timeline if update.is_finalize or update.is_error]
     assert len(finalizing) == 1 and not card.failed  # one end, B's: A stopped writing before B took over
     assert card.final_content.endswith("word39")
