@@ -123,6 +123,7 @@ class BridgeService:
         self.failed = 0
         self.redeliveries = 0  # messages recognised as already claimed (here, by an earlier process, or a peer)
         self.not_taken = 0  # deliveries the store could not claim (not ACKed: DingTalk delivers them again)
+        self.handovers = 0  # answers left to other processes when this one's lease could not be renewed
 
     @property
     def in_flight(self) -> int:
@@ -200,8 +201,8 @@ class BridgeService:
         self._recovery_due = False
         resumed = 0
         for record in records:
-            if record.message_key in self._streamers or record.message_key in self._handed_over:
-                continue  # answered here already (this process adopted it, or it was ours before)
+            if record.message_key in self._answer_tasks:
+                continue  # still being answered (or handed over and still stopping) here
             try:
                 message = IncomingMessage(**record.message)
             except TypeError:
@@ -243,6 +244,7 @@ class BridgeService:
             task = self._answer_tasks.get(key)
             if task is not None:
                 task.cancel()
+        self.handovers += handed
         return handed
 
     async def wait_idle(self) -> None:
@@ -264,9 +266,16 @@ class BridgeService:
     # --- one message --------------------------------------------------------------------------------------
 
     def _spawn(self, message: IncomingMessage, record: InFlight, *, resumed: bool) -> None:
+        key = record.message_key
         task = self._spawn_task(self._answer(message, record, resumed), f"answer-{message.msg_id}")
-        self._answer_tasks[record.message_key] = task
-        task.add_done_callback(lambda _: self._answer_tasks.pop(record.message_key, None))
+        self._answer_tasks[key] = task
+
+        def ended(_: asyncio.Task[None]) -> None:
+            self._answer_tasks.pop(key, None)
+            # an answer handed over may come back to this process like any other's (recover adopts it)
+            self._handed_over.discard(key)
+
+        task.add_done_callback(ended)
 
     def _spawn_task(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine, name=name)

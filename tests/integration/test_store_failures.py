@@ -284,6 +284,7 @@ async def test_a_host_that_cannot_renew_its_lease_hands_its_card_over_before_it_
                 await dingtalk.wait_for(lambda: host_b.bridge.in_flight == 0, WAIT, "host B to finish")
                 assert host_b.bridge.answered == 1  # B adopted the answer once A's lease lapsed
                 assert host_a.bridge.answered == 0 and host_a.bridge.failed == 0  # A neither ended nor failed it
+                assert host_a.bridge.handovers == 1
             await proxy.open()
             await proxy.refuse()
     finalizing = [update for update in card.timeline if update.is_finalize or update.is_error]
@@ -292,3 +293,27 @@ async def test_a_host_that_cannot_renew_its_lease_hands_its_card_over_before_it_
     assert dingtalk.webhook_replies == []  # and no second copy of the answer as a plain reply
     assert len(dify.requests_to("/chat-messages")) == 2  # A's run (stopped), B's run
     assert any("left for other processes to finish" in r.getMessage() for r in caplog.records)
+
+
+async def test_alone_on_redis_a_host_that_handed_its_answer_over_finishes_it_itself(tmp_path, dify, redis_service):
+    from dingdifyd.store_redis import RedisStore
+
+    proxy = RefusingProxy(redis_service.port)
+    await proxy.open()
+    async with fake_dingtalk(redeliver_after=None) as dingtalk:
+        config = write_config(tmp_path / "c.yaml", dingtalk, dify, store=redis_service.url)
+        store = RedisStore(proxy.url, "helpdesk", lease_ttl=1.5, retry_after=0.05)
+        async with running_bot(config, store=store) as host:
+            data = dingtalk.make_text_message("a slow question, and Redis blips")
+            dingtalk.push_message(CLIENT_ID, data)
+            track = out_track_id(parse_incoming(data))
+            await dingtalk.wait_for(lambda: track in dingtalk.cards and dingtalk.cards[track].timeline, WAIT, "text")
+            await proxy.refuse()
+            await dingtalk.wait_for(lambda: host.bridge.handovers == 1, WAIT, "the hand-over")
+            await proxy.open()  # Redis is back: the old identity's lease lapses, and this process adopts
+            card = await dingtalk.wait_card_final(track, WAIT)
+            await dingtalk.wait_for(lambda: host.bridge.in_flight == 0, WAIT, "the answer to end")
+        await proxy.refuse()
+    assert not card.failed and card.final_content.endswith("word39")  # the whole answer, in the same card
+    assert len([u for u in card.timeline if u.is_finalize or u.is_error]) == 1
+    assert dingtalk.webhook_replies == []
