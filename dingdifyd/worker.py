@@ -83,7 +83,8 @@ class BotRuntime:
     def _on_message(self, message: IncomingMessage) -> bool:
         """Whether to ACK the message's frame: not when the store could not claim it (DingTalk redelivers)."""
         assert self.bridge is not None
-        self.delivery_watch.observe(message)
+        if not self.bridge.not_taken_before(message):  # else it is late because we did not ACK it: no stranger
+            self.delivery_watch.observe(message)
         return self.bridge.submit(message).ack
 
     def _on_state(self, state: str) -> None:

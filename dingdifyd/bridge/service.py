@@ -101,6 +101,7 @@ class BridgeService:
         self.store_outage_notice_after = store_outage_notice_after
         self._store_failing_since: float | None = None
         self._told_not_taken = RecentIds(1000)  # messages whose sender was told the bot cannot take them
+        self._not_taken_keys = RecentIds(10000)  # messages not ACKed here: DingTalk delivers them again, late
         # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
         self.files = files
         self.incoming = IncomingFiles(bot=bot, dingtalk=files)
@@ -167,10 +168,15 @@ class BridgeService:
         self._spawn(message, record, resumed=False)
         return Intake.TAKEN
 
+    def not_taken_before(self, message: IncomingMessage) -> bool:
+        """Whether this process left the message unACKed before: its redelivery is late by our doing."""
+        return session.message_key(message) in self._not_taken_keys
+
     def _not_taken(self, message: IncomingMessage) -> None:
         """The store could not claim the message (the store logs the outage, once): it is not ACKed. Once the
         outage has lasted, its sender is told, once per message, not left waiting in silence."""
         self.not_taken += 1
+        self._not_taken_keys.add(session.message_key(message))
         now = self.clock()
         if self._store_failing_since is None:
             self._store_failing_since = now
