@@ -83,6 +83,19 @@ async def test_one_persons_flood_does_not_starve_the_next_person(tmp_path, dingt
     assert dify.max_generations_in_flight == 1
 
 
+async def test_waiting_for_a_turn_counts_toward_no_dify_timeout(tmp_path, dingtalk, dify):
+    dify.configure(dify_key("chatbot"), token_delay=0.05)  # each answer takes about a second
+    config = write_config(tmp_path / "c.yaml", dingtalk, dify, dify_max_concurrency=1, dify_total_timeout=1.5,
+                          dify_first_byte_timeout=1.5)  # fmt: skip
+    async with running_bot(config):
+        tracks = [push(dingtalk, f"patience {i}", sender_staff_id=f"p{i}") for i in range(3)]
+        cards = await finals(dingtalk, tracks)
+    # the last waited two answers' time, more than the 1.5 s any answer may take: its own time counts, not that
+    for index, card in enumerate(cards):
+        assert not card.failed and card.final_content == echo(f"patience {index}")
+    assert any(c.startswith("⏳ Queued: 1 ahead") for card in cards for c in card.contents)
+
+
 async def test_a_dify_failing_before_the_answer_is_asked_once_more(tmp_path, dingtalk, dify):
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         dify.next_request(dify_key("chatbot"), http_500=True)
