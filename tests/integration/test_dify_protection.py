@@ -68,7 +68,7 @@ async def test_fifty_people_at_once_are_all_answered_and_difys_pool_is_never_exh
 
 async def test_one_persons_flood_does_not_starve_the_next_person(tmp_path, dingtalk, dify):
     config = write_config(tmp_path / "c.yaml", dingtalk, dify, dify_max_concurrency=1)
-    dify.configure(dify_key("chatbot"), token_delay=0.05)  # an answer takes about a second
+    dify.configure(dify_key("chatbot"), token_delay=0.03)  # an answer takes over half a second
     async with running_bot(config):
         flood = []
         for index in range(6):
