@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/run.py            # every scenario, a markdown table at the end
     .venv/bin/python bench/run.py latency    # one or more scenarios by name
+    .venv/bin/python bench/run.py dify_burst --dify-url https://dify.example.com/v1 --dify-key app-...
+                                             # the burst against a real Dify (its chatbot app) instead
+    .venv/bin/python bench/run.py dify_burst --daemon-src /path/to/older/checkout
+                                             # the daemon of another checkout (a before/after comparison)
 
 The daemon runs as `python -m dingdifyd run` (supervisor + bot processes, a real NOTIFY_SOCKET); the fake DingTalk
 and fake Dify run in this process. CPU and memory of the daemon's processes are read from /proc. The simulators
@@ -10,6 +14,7 @@ share the machine's cores with the daemon, so the figures are an upper bound of 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import platform
@@ -69,6 +74,17 @@ def pct(values: list[float], q: float) -> float:
 
 
 @dataclass
+class Options:
+    dify_url: str | None = None  # a real Dify instead of the simulator (dify_burst)
+    dify_key: str = ""
+    dify_type: str = "chatbot"
+    daemon_src: str | None = None  # run the daemon from this source tree
+
+
+OPTIONS = Options()
+
+
+@dataclass
 class Rig:
     dingtalk: FakeDingTalk
     dify: FakeDify
@@ -76,6 +92,9 @@ class Rig:
     process: asyncio.subprocess.Process | None = None
     ready_after: float = 0.0
     notify_fields: list[str] = field(default_factory=list)
+    dify_url: str | None = None  # a real Dify: its URL, key and app type replace the simulator's
+    dify_key: str = DIFY_KEY
+    dify_type: str = "chatbot"
 
     @property
     def bot_pids(self) -> list[int]:
@@ -84,25 +103,29 @@ class Rig:
 
     async def start_daemon(self, bots: int = 1, **top: object) -> None:
         entries = [
-            bot_entry(f"bot{i}", client_id=client_id(i), client_secret=CLIENT_SECRET, app_type="chatbot",
-                      dify_key=DIFY_KEY)
+            bot_entry(f"bot{i}", client_id=client_id(i), client_secret=CLIENT_SECRET, app_type=self.dify_type,
+                      dify_key=self.dify_key)
             for i in range(bots)
         ]  # fmt: skip
         for i in range(bots):
             self.dingtalk.register_app(client_id(i), CLIENT_SECRET)
         config = write_config(
-            self.workdir / "bench.yaml", dingtalk_url=self.dingtalk.base_url, dify_url=self.dify.base_url,
-            state_dir=self.workdir / "state", bots=entries, log_level="WARNING", **top,
+            self.workdir / "bench.yaml", dingtalk_url=self.dingtalk.base_url,
+            dify_url=self.dify_url or self.dify.base_url, state_dir=self.workdir / "state", bots=entries,
+            log_level="WARNING", **top,
         )  # fmt: skip
         sock_path = str(self.workdir / "notify.sock")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(sock_path)
         notify.setblocking(False)
         env = {**os.environ, "NOTIFY_SOCKET": sock_path, "NO_PROXY": "127.0.0.1,localhost"}
+        if OPTIONS.daemon_src:
+            env["PYTHONPATH"] = os.pathsep.join([OPTIONS.daemon_src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         started = time.monotonic()
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dingdifyd", "run", "-c", str(config), env=env,
             stderr=(self.workdir / "daemon.log").open("wb"),
+            cwd=self.workdir,  # not this checkout: `-m` would import the daemon from the working directory
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         while "READY=1" not in self.notify_fields:
@@ -129,10 +152,10 @@ class Rig:
         )
 
 
-async def rig(rate_limit: float | None) -> Rig:
+async def rig(rate_limit: float | None, **dify_options: object) -> Rig:
     dingtalk = FakeDingTalk(ping_interval=None, redeliver_after=None, rate_limit=rate_limit)
     await dingtalk.start()
-    dify = await start_fake_dify(default_apps=True)
+    dify = await start_fake_dify(default_apps=True, **dify_options)
     return Rig(dingtalk, dify, Path(tempfile.mkdtemp(prefix="dingdifyd-bench-")))
 
 
@@ -297,6 +320,49 @@ async def recovery(results: Results) -> None:
         await close(r)
 
 
+STOCK_POOL = {"db_pool": 40, "db_pool_timeout": 30.0}  # SQLALCHEMY_POOL_SIZE 30 + MAX_OVERFLOW 10, TIMEOUT 30
+
+
+async def dify_burst(results: Results) -> None:
+    """N people write at the same moment, against a Dify whose database pool is a stock one's (the simulator
+    with db_pool, or a real Dify given by --dify-url). The model takes 1 s to its first token and streams 20
+    more over 1 s. Measured: answers that reached their card whole, cards that ended with an error, the time
+    until every card was final, and what the Dify saw."""
+    for n in (50, 200):
+        r = await rig(None, **STOCK_POOL)
+        if OPTIONS.dify_url:
+            r.dify_url, r.dify_key, r.dify_type = OPTIONS.dify_url, OPTIONS.dify_key, OPTIONS.dify_type
+        try:
+            r.dify.configure(DIFY_KEY, first_token_delay=1.0, token_delay=0.05, answer=words(20))
+            await r.start_daemon(dingtalk_card_qps=UNPACED)
+            t0 = time.monotonic()
+            tracks = [r.push(f"burst {i}", f"burst{n}-{i}") for i in range(n)]
+            try:
+                await r.wait_cards(tracks, lambda c: c.done, 600)
+                wall = f"{time.monotonic() - t0:.1f} s"
+            except TimeoutError:
+                wall = "not all final in 600 s"
+            cards = [r.dingtalk.cards.get(t) for t in tracks]
+            failed = sum(1 for c in cards if c is not None and c.done and c.failed)
+            if OPTIONS.dify_url:
+                answered = sum(1 for c in cards if c is not None and c.done and not c.failed)
+                seen = "a real Dify"
+            else:
+                answered = sum(1 for c in cards if c is not None and c.final_content == words(20))
+                seen = (f"at most {r.dify.max_generations_in_flight} streaming at once, "
+                        f"{r.dify.db_pool_timeouts} × 500 (pool)")  # fmt: skip
+            queued = sum(1 for c in cards if c is not None and any(x.startswith("⏳ Queued") for x in c.contents))
+            results.append((
+                f"{n} people at once, " + (f"the Dify at {OPTIONS.dify_url}" if OPTIONS.dify_url
+                                            else "simulated Dify with a stock pool (30 + 10)"),
+                f"{answered}/{n} answered, {failed} failed, all final after {wall}; {queued} cards showed a "
+                f"place; {seen}",
+                f"{n}/{n} answered",
+            ))  # fmt: skip
+        finally:
+            await close(r)
+
+
 SCENARIOS = {
     "footprint": footprint,
     "latency": latency,
@@ -304,6 +370,7 @@ SCENARIOS = {
     "rate_limited": rate_limited,
     "economy": economy,
     "recovery": recovery,
+    "dify_burst": dify_burst,
 }
 
 
@@ -320,5 +387,22 @@ async def main(names: list[str]) -> None:
         print(f"| {figure} | {value} | {target} |")
 
 
+def parse_arguments(argv: list[str]) -> list[str]:
+    parser = argparse.ArgumentParser(description="dingdifyd benchmarks (figures, no assertions)")
+    parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], metavar="SCENARIO",  # []: none given
+                        help=f"any of: {', '.join(SCENARIOS)} (default: all)")  # fmt: skip
+    parser.add_argument("--dify-url", help="dify_burst against this real Dify (Service API base, with /v1)")
+    parser.add_argument("--dify-key", default=os.environ.get("DIFY_APP_API_KEY", ""),
+                        help="its app's API key (or env DIFY_APP_API_KEY)")  # fmt: skip
+    parser.add_argument("--dify-type", default="chatbot", help="its app's type (default chatbot)")
+    parser.add_argument("--daemon-src", help="run the daemon of this source tree (e.g. an older checkout)")
+    args = parser.parse_args(argv)
+    if args.dify_url and not args.dify_key:
+        parser.error("--dify-url needs --dify-key (or DIFY_APP_API_KEY)")
+    OPTIONS.dify_url, OPTIONS.dify_key, OPTIONS.dify_type = args.dify_url, args.dify_key, args.dify_type
+    OPTIONS.daemon_src = args.daemon_src
+    return list(args.scenarios)
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    asyncio.run(main(parse_arguments(sys.argv[1:])))

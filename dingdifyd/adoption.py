@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from dingdifyd.store import Store
@@ -18,14 +19,39 @@ from dingdifyd.store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 30.0
+RENEW_RETRY = 1.0  # seconds between two tries of a lease renewal that failed
 
 
-async def tend_shared_store(store: Store, adopt: Callable[[], int], *, interval: float | None = None) -> None:
-    """Run until cancelled. `adopt` is BridgeService.recover: it resumes what the store hands over."""
-    every = interval if interval is not None else getattr(store, "lease_ttl", DEFAULT_LEASE_TTL) / 3
+async def tend_shared_store(
+    store: Store,
+    adopt: Callable[[], int],
+    *,
+    interval: float | None = None,
+    hand_over: Callable[[], int] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Run until cancelled. `adopt` is BridgeService.recover: it resumes what the store hands over.
+
+    A renewal that fails is tried again every RENEW_RETRY seconds. When the lease is about to lapse without
+    one (a third of its life left), this process can no longer prove to the others that it is alive: they
+    will adopt its answers, so `hand_over` (BridgeService.hand_over) stops writing them first, and the store
+    takes a new identity; the old one's answers become adoptable, by this process too, once its lease lapses.
+    """
+    lease_ttl = float(getattr(store, "lease_ttl", DEFAULT_LEASE_TTL))
+    every = interval if interval is not None else lease_ttl / 3
     known: list[str] | None = None
     while True:
-        store.keep_alive()
+        if not store.keep_alive():
+            expires = getattr(store, "lease_expires_at", lambda: None)()
+            if expires is not None and clock() >= expires - lease_ttl / 3:
+                handed = hand_over() if hand_over is not None else 0
+                old = store.take_new_identity() if hasattr(store, "take_new_identity") else "?"  # type: ignore[attr-defined]
+                log.error(
+                    "the shared store could not renew this process's lease in time; %d answers in flight were "
+                    "left for other processes to finish (%s is given up)", handed, _host_pid(old),
+                )  # fmt: skip
+            await asyncio.sleep(min(every, RENEW_RETRY))
+            continue
         peers = store.peers()
         if peers != known:
             if peers:

@@ -39,6 +39,7 @@ def bot_client(bot: BotConfig, http: aiohttp.ClientSession) -> DifyClient:
     return DifyClient(
         base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,
         session=http, input_variable=bot.dify_input_variable, timeouts=dify_timeouts(bot),
+        files_url=bot.dify_files_url,
     )  # fmt: skip
 
 

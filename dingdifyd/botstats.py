@@ -171,7 +171,10 @@ class ErrorCountingStore:
     def __init__(self, store: Any, on_error: Callable[[], None]):
         self._store = store
         self._on_error = on_error
-        if hasattr(store, "on_error"):
+        # a store that reports its own failures (Redis: also those it answers without raising) is not counted
+        # twice here
+        self._counts_itself = hasattr(store, "on_error")
+        if self._counts_itself:
             store.on_error = on_error
 
     def __getattr__(self, name: str) -> Any:
@@ -183,7 +186,8 @@ class ErrorCountingStore:
             try:
                 return value(*args, **kwargs)
             except Exception:
-                self._on_error()
+                if not self._counts_itself:
+                    self._on_error()
                 raise
 
         return counted

@@ -11,14 +11,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import grp
+import hmac
 import importlib.util
+import math
 import os
+import pwd
+import re
+import secrets
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 import yaml
 
@@ -48,17 +53,41 @@ _FALSE = ("false", "no", "off", "0")
 DAEMON_GROUP = "dingdifyd"  # the packaged units' account (User=/Group=dingdifyd), which must read the file
 
 
+# Secrets are compared (a reload restarts a bot whose secret changed) by a keyed digest, never by value: the
+# key is drawn once per supervisor, and its bot processes inherit it, so they compare the same way.
+_DIGEST_KEY = secrets.token_bytes(32)
+
+
+class SealedSecretError(RuntimeError):
+    """A sealed secret's value was asked for: only the bot process that owns it loads it (`unseal_bot`)."""
+
+
 class Secret:
-    """A secret string. `str()` and `repr()` never reveal it; `reveal()` does, for the one place that sends it."""
+    """A secret string. `str()` and `repr()` never reveal it; `reveal()` does, for the one place that sends it.
 
-    __slots__ = ("_value", "source")
+    A sealed secret knows where it comes from and a digest of it, not its value: the supervisor holds only
+    sealed ones, so that no bot process (they are forked from it) inherits another bot's secrets."""
 
-    def __init__(self, value: str, source: str = "inline"):
+    __slots__ = ("_digest", "_value", "source")
+
+    def __init__(self, value: str | None, source: str = "inline", *, digest: bytes | None = None):
         self._value = value
         self.source = source
+        if digest is None:
+            digest = hmac.new(_DIGEST_KEY, (value or "").encode("utf-8", "surrogatepass"), "sha256").digest()
+        self._digest = digest
 
     def reveal(self) -> str:
+        if self._value is None:
+            raise SealedSecretError(f"a sealed secret ({self.source}) has no value here")
         return self._value
+
+    def sealed(self) -> Secret:
+        return Secret(None, self.source, digest=self._digest)
+
+    @property
+    def is_sealed(self) -> bool:
+        return self._value is None
 
     def __repr__(self) -> str:
         return f"<secret from {self.source}>"
@@ -66,10 +95,10 @@ class Secret:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return isinstance(other, Secret) and hmac.compare_digest(other._digest, self._digest)
 
     def __hash__(self) -> int:
-        return hash(self._value)
+        return hash(self._digest)
 
 
 @dataclass(frozen=True)
@@ -94,6 +123,7 @@ class BotConfig:
     dify_app_type: str
     dify_app_api_key: Secret
     dify_open_api_url: str = "https://api.dify.ai/v1"
+    dify_files_url: str | None = None  # Dify's FILES_URL, when its files are served from another origin
     dify_conversation_remain_time: float = 15.0  # minutes of inactivity before the context resets
     dingtalk_ai_card_template_id: str | None = None  # None: DingTalk's built-in AI card template
     dingtalk_api_base: str = "https://api.dingtalk.com"
@@ -119,6 +149,9 @@ class BotConfig:
     dify_first_byte_timeout: float = 60.0  # until the response headers arrive
     dify_idle_timeout: float = 60.0  # between two events; Dify pings every 10 s
     dify_total_timeout: float = 1200.0  # one whole answer; Dify's own APP_MAX_EXECUTION_TIME is 1200 s
+    # answers in flight at one Dify (its base URL), counted across the bots and hosts sharing state with this
+    # one; more wait in a fair queue. A stock Dify (database pool 30 + 10) survives 10 with room to spare
+    dify_max_concurrency: int = 10
     max_message_chars: int = 20000  # longer messages are refused with a clear reply, not sent to Dify
     dingtalk_timeout: float = 10.0  # every DingTalk OpenAPI call
     card_update_interval: float = 0.5  # seconds between two intermediate updates of one card
@@ -156,6 +189,7 @@ class DaemonConfig:
     restart_delay_max: float = 60.0
     metrics_listen: str | None = None  # HOST:PORT or unix:/PATH: the Prometheus endpoint; None: off
     status_socket: str | None = None  # None: $RUNTIME_DIRECTORY/status.sock (runtime_paths.py); "off": none
+    start_timeout: float = 30.0  # READY=1 at the latest this long after the start (or a reload)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def bot(self, name: str) -> BotConfig:
@@ -168,6 +202,7 @@ class DaemonConfig:
 # Keys that may stand at the top level (defaults for every bot) and be overridden per bot.
 INHERITED_KEYS = (
     "dify_open_api_url",
+    "dify_files_url",
     "dify_conversation_remain_time",
     "dingtalk_ai_card_template_id",
     "dingtalk_api_base",
@@ -190,6 +225,7 @@ INHERITED_KEYS = (
     "dify_first_byte_timeout",
     "dify_idle_timeout",
     "dify_total_timeout",
+    "dify_max_concurrency",
     "max_message_chars",
     "dingtalk_timeout",
     "card_update_interval",
@@ -204,7 +240,8 @@ INHERITED_KEYS = (
     "default_file_query",
 )
 DAEMON_KEYS = (
-    "stop_timeout", "heartbeat_timeout", "restart_delay_min", "restart_delay_max", "metrics_listen", "status_socket",
+    "stop_timeout", "heartbeat_timeout", "restart_delay_min", "restart_delay_max", "start_timeout", "metrics_listen",
+    "status_socket",
 )  # fmt: skip
 # Old `.env` names with no meaning here; accepted so an old EnvironmentFile does not produce noise.
 IGNORED_TOP_KEYS = ("default_max_workers",)
@@ -229,12 +266,37 @@ ROUTE_KEYS = (
     "dify_open_api_url",
     "dify_input_variable",
 )
+# Every number a file may set, and the values it may take (inclusive). Wider than any sensible setting, narrow
+# enough that nothing downstream overflows or waits for ever; NaN and infinity are never accepted.
+NUMBER_RANGES: dict[str, tuple[float, float]] = {
+    "stop_timeout": (0.0, 3600.0),
+    "heartbeat_timeout": (1.0, 3600.0),
+    "restart_delay_min": (0.01, 3600.0),
+    "restart_delay_max": (0.01, 86400.0),
+    "start_timeout": (1.0, 3600.0),
+    "dify_conversation_remain_time": (0.0, 525600.0),  # minutes: up to a year; 0: a new conversation each time
+    "suggested_questions_timeout": (0.0, 60.0),
+    "dify_connect_timeout": (0.1, 600.0),
+    "dify_first_byte_timeout": (0.1, 3600.0),
+    "dify_idle_timeout": (0.1, 3600.0),
+    "dify_total_timeout": (1.0, 86400.0),
+    "dingtalk_timeout": (0.1, 600.0),
+    "card_update_interval": (0.0, 60.0),
+    "dingtalk_card_qps": (0.1, 1e6),  # far above DingTalk's 20: the benchmarks lift the simulator's limit
+    "card_update_min_chars": (0, 10000),
+    "max_message_chars": (1, 1_000_000),
+    "dify_max_concurrency": (1, 10_000),
+    "dingtalk_api_monthly_budget": (1, 1_000_000_000),
+}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BotConfig) if f.default is not dataclasses.MISSING}
 _FIELD_DEFAULTS["dify_inputs"] = DIFY_CONTEXT_INPUTS
 
 
-def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> DaemonConfig:
-    """Read and validate a config file. Raises ConfigError naming every problem."""
+def load(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, secrets_of: str | None = None
+) -> DaemonConfig:
+    """Read and validate a config file. Raises ConfigError naming every problem. `secrets_of`: read the
+    secrets of that bot only (the others' are left sealed and unread), as its bot process does."""
     environ = os.environ if environ is None else environ
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -248,12 +310,14 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         raise ConfigError([f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
-    return parse(raw, str(path), environ)
+    return parse(raw, str(path), environ, secrets_of=secrets_of)
 
 
-def parse(raw: Any, path: str, environ: Mapping[str, str] | None = None) -> DaemonConfig:
+def parse(
+    raw: Any, path: str, environ: Mapping[str, str] | None = None, *, secrets_of: str | None = None
+) -> DaemonConfig:
     """Validate an already read configuration (e.g. one `dingdifyd setup` is about to write). Raises ConfigError."""
-    loader = _Loader(path, os.environ if environ is None else environ)
+    loader = _Loader(path, os.environ if environ is None else environ, secrets_of=secrets_of)
     config = loader.build(raw)
     if loader.problems:
         raise ConfigError(loader.problems)
@@ -261,11 +325,13 @@ def parse(raw: Any, path: str, environ: Mapping[str, str] | None = None) -> Daem
 
 
 class _Loader:
-    def __init__(self, path: str, environ: Mapping[str, str]):
+    def __init__(self, path: str, environ: Mapping[str, str], *, secrets_of: str | None = None):
         self.path = path
         self.environ = environ
+        self.secrets_of = secrets_of  # None: every bot's secrets
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self._bot_name = ""  # the bot being read
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{key}: {message}")
@@ -280,12 +346,10 @@ class _Loader:
             if key not in (*INHERITED_KEYS, *DAEMON_KEYS, *IGNORED_TOP_KEYS, "bots"):
                 self.warnings.append(f"{key}: unknown key, ignored")
         defaults = self.top_level_defaults(raw)
-        daemon = {
-            "stop_timeout": self.number("stop_timeout", raw.get("stop_timeout", 30.0), minimum=0.0),
-            "heartbeat_timeout": self.number("heartbeat_timeout", raw.get("heartbeat_timeout", 30.0), 1.0),
-            "restart_delay_min": self.number("restart_delay_min", raw.get("restart_delay_min", 1.0), 0.01),
-            "restart_delay_max": self.number("restart_delay_max", raw.get("restart_delay_max", 60.0), 0.01),
-        }
+        daemon = {key: self.number(key, raw.get(key, default), NUMBER_RANGES[key]) for key, default in (
+            ("stop_timeout", 30.0), ("heartbeat_timeout", 30.0), ("restart_delay_min", 1.0),
+            ("restart_delay_max", 60.0), ("start_timeout", 30.0),
+        )}  # fmt: skip
         if daemon["restart_delay_max"] < daemon["restart_delay_min"]:
             self.problem("restart_delay_max", "must be >= restart_delay_min")
         daemon["metrics_listen"] = self.listen_address("metrics_listen", raw.get("metrics_listen"))
@@ -333,8 +397,14 @@ class _Loader:
         if self.environ.get("STATE_DIRECTORY"):
             # systemd may pass several, colon-separated; the first is ours.
             return self.environ["STATE_DIRECTORY"].split(":")[0]
-        base = self.environ.get("XDG_STATE_HOME") or os.path.join(self.environ.get("HOME", "/tmp"), ".local/state")
-        return os.path.join(base, "dingdifyd")
+        if self.environ.get("XDG_STATE_HOME"):
+            return os.path.join(self.environ["XDG_STATE_HOME"], "dingdifyd")
+        # never a shared place such as /tmp: without HOME, the account's own home directory
+        home = self.environ.get("HOME") or _account_home()
+        if not home:
+            self.problem("state_dir", "not set, and neither STATE_DIRECTORY, XDG_STATE_HOME nor HOME says where")
+            return ""
+        return os.path.join(home, ".local/state", "dingdifyd")
 
     def bot(self, where: str, raw: Any, defaults: dict[str, Any]) -> BotConfig | None:
         if not isinstance(raw, dict):
@@ -348,6 +418,7 @@ class _Loader:
             self.problem(f"{where}.name", "missing")
             name = f"bot{where[5:-1]}"
         name = str(name).strip()
+        self._bot_name = name
         if "/" in name or name.startswith(".") or "\0" in name:
             self.problem(f"{where}.name", "must not contain '/' or start with '.' (it names a state directory)")
         merged = {**defaults, **{k: v for k, v in raw.items() if k in INHERITED_KEYS}}
@@ -366,8 +437,11 @@ class _Loader:
             "dify_app_type": self.choice(p + "dify_app_type", raw.get("dify_app_type"), APP_TYPES, required=True),
             "dify_app_api_key": self.secret(where, name, "dify_app_api_key", raw),
             "dify_open_api_url": self.url(at("dify_open_api_url"), merged["dify_open_api_url"]),
+            "dify_files_url": None if self.optional_str(merged["dify_files_url"]) is None
+            else self.url(at("dify_files_url"), merged["dify_files_url"]),
             "dify_conversation_remain_time": self.number(
-                at("dify_conversation_remain_time"), merged["dify_conversation_remain_time"], minimum=0.0
+                at("dify_conversation_remain_time"), merged["dify_conversation_remain_time"],
+                NUMBER_RANGES["dify_conversation_remain_time"],
             ),
             "dingtalk_ai_card_template_id": self.optional_str(merged["dingtalk_ai_card_template_id"]),
             "dingtalk_api_base": self.url(at("dingtalk_api_base"), merged["dingtalk_api_base"]),
@@ -388,7 +462,8 @@ class _Loader:
                 at("show_suggested_questions"), merged["show_suggested_questions"]
             ),
             "suggested_questions_timeout": self.number(
-                at("suggested_questions_timeout"), merged["suggested_questions_timeout"], minimum=0.0
+                at("suggested_questions_timeout"), merged["suggested_questions_timeout"],
+                NUMBER_RANGES["suggested_questions_timeout"],
             ),
             "command_prefix": self.required_str(at("command_prefix"), merged["command_prefix"]),
             "show_reasoning": self.choice(at("show_reasoning"), merged["show_reasoning"], SHOW_REASONING),
@@ -399,24 +474,18 @@ class _Loader:
             "handler": str(raw.get("handler", _FIELD_DEFAULTS["handler"])),
             "max_workers": raw.get("max_workers", _FIELD_DEFAULTS["max_workers"]),
         }
-        for key, minimum in (
-            ("dify_connect_timeout", 0.1),
-            ("dify_first_byte_timeout", 0.1),
-            ("dify_idle_timeout", 0.1),
-            ("dify_total_timeout", 1.0),
-            ("dingtalk_timeout", 0.1),
-            ("card_update_interval", 0.0),
-            ("dingtalk_card_qps", 0.1),
-        ):
-            values[key] = self.number(at(key), merged[key], minimum)
-        values["card_update_min_chars"] = int(
-            self.number(at("card_update_min_chars"), merged["card_update_min_chars"], 0)
-        )
+        for key in (
+            "dify_connect_timeout", "dify_first_byte_timeout", "dify_idle_timeout", "dify_total_timeout",
+            "dingtalk_timeout", "card_update_interval", "dingtalk_card_qps",
+        ):  # fmt: skip
+            values[key] = self.number(at(key), merged[key], NUMBER_RANGES[key])
+        for key in ("card_update_min_chars", "max_message_chars", "dify_max_concurrency"):
+            values[key] = self.whole_number(at(key), merged[key], NUMBER_RANGES[key])
         budget = merged["dingtalk_api_monthly_budget"]  # none: no budget, only DingTalk's own quota
         if self.optional_str(budget) is not None:
-            budget = int(self.number(at("dingtalk_api_monthly_budget"), budget, 1))
+            key = "dingtalk_api_monthly_budget"
+            budget = self.whole_number(at(key), budget, NUMBER_RANGES[key])
         values["dingtalk_api_monthly_budget"] = None if self.optional_str(budget) is None else budget
-        values["max_message_chars"] = int(self.number(at("max_message_chars"), merged["max_message_chars"], 1))
         values["routes"] = self.routes(where, name, raw.get("routes"), values["dify_open_api_url"])
         if isinstance(values["dingtalk_app_client_secret"], Secret) and isinstance(values["dify_app_api_key"], Secret):
             return BotConfig(**values)
@@ -535,14 +604,18 @@ class _Loader:
             return allowed[0]
         return text
 
-    def number(self, key: str, value: Any, minimum: float) -> float:
+    def number(self, key: str, value: Any, limits: tuple[float, float], *, whole: bool = False) -> float:
+        """A number within `limits` (inclusive); `whole`: an integer. NaN and infinity are never within."""
+        minimum, maximum = limits
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             self.problem(key, f"{value!r} is not a number")
             return minimum
-        if isinstance(value, bool) or number < minimum:
-            self.problem(key, f"{value!r} must be a number >= {minimum:g}")
+        kind = "a whole number" if whole else "a number"
+        in_range = math.isfinite(number) and minimum <= number <= maximum
+        if isinstance(value, bool) or not in_range or (whole and not number.is_integer()):
+            self.problem(key, f"{value!r} must be {kind} from {_bound(minimum)} to {_bound(maximum)}")
             return minimum
         return number
 
@@ -566,6 +639,8 @@ class _Loader:
         if not text.startswith("/"):
             self.problem(key, f"{value!r} must be an absolute path, or off")
         return text
+    def whole_number(self, key: str, value: Any, limits: tuple[float, float]) -> int:
+        return int(self.number(key, value, limits, whole=True))
 
     def url(self, key: str, value: Any) -> str:
         text = str(value or "").strip().rstrip("/")
@@ -577,7 +652,7 @@ class _Loader:
     def store(self, key: str, value: Any) -> str:
         text = str(value or "").strip()
         if text != "disk" and not text.startswith(("redis://", "rediss://", "unix://")):
-            self.problem(key, f"{value!r} must be 'disk' or a redis:// URL")
+            self.problem(key, f"{redact_url(text)!r} must be 'disk' or a redis:// URL")
         elif text != "disk" and importlib.util.find_spec("redis") is None:
             self.problem(key, "a redis store needs the redis package: pip install 'dingdifyd[redis]'")
         return text
@@ -596,6 +671,8 @@ class _Loader:
 
     def secret(self, where: str, bot_name: str, key: str, raw: dict[str, Any]) -> Secret | None:
         """Inline value, `<key>_file`, or the systemd credential `<bot>.<key>`, in that order."""
+        if self.secrets_of is not None and self._bot_name != self.secrets_of:
+            return Secret(None, "not read")  # another bot's: its own process reads it
         inline = raw.get(key)
         if inline is not None and str(inline).strip() != "":
             if isinstance(inline, dict | list):
@@ -645,6 +722,17 @@ class _Loader:
             )
 
 
+def _account_home() -> str:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(os.geteuid()).pw_dir
+    return ""
+
+
+def _bound(limit: float) -> str:
+    """A range's end as people write it: 1000000, not 1e+06; 0.1 as 0.1."""
+    return str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
+
+
 def _daemon_gids() -> set[int]:
     gids = {os.getegid()}
     with contextlib.suppress(KeyError):
@@ -660,22 +748,87 @@ def _from_env(text: str) -> Any:
     return text
 
 
+# Query parameters that carry a credential: redis-py reads `password` (the usual form for unix:// sockets) and
+# `ssl_password` (the TLS key's passphrase) from the URL; anything named like a secret is treated alike.
+_SECRET_PARAMETER = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
+
+
+def sealed(config: DaemonConfig) -> DaemonConfig:
+    """The configuration with every secret sealed: what the supervisor keeps (see Secret)."""
+    bots = tuple(_with_secrets(bot, lambda secret: secret.sealed()) for bot in config.bots)
+    return dataclasses.replace(config, bots=bots)
+
+
+def unseal_bot(path: str | os.PathLike[str], bot: BotConfig, environ: Mapping[str, str] | None = None) -> BotConfig:
+    """`bot` (as the supervisor knows it, sealed) with its own secrets read again from the file, files and
+    credentials, and no other bot's: what its process runs with. Raises ConfigError."""
+    fresh = load(path, environ, secrets_of=bot.name)
+    try:
+        mine = fresh.bot(bot.name)
+    except KeyError:
+        raise ConfigError([f"bots: {bot.name!r} is no longer in {path}; reload the configuration"]) from None
+    values = {key: getattr(mine, key) for key in SECRET_KEYS}
+    routes_now = {route.name: route for route in mine.routes}
+    routes = []
+    for route in bot.routes:
+        if route.name not in routes_now:
+            raise ConfigError([f"{bot.name}.routes: {route.name!r} is no longer in {path}; reload the configuration"])
+        routes.append(dataclasses.replace(route, dify_app_api_key=routes_now[route.name].dify_app_api_key))
+    return dataclasses.replace(bot, routes=tuple(routes), **values)
+
+
+def _with_secrets(bot: BotConfig, change: Callable[[Secret], Secret]) -> BotConfig:
+    routes = tuple(dataclasses.replace(r, dify_app_api_key=change(r.dify_app_api_key)) for r in bot.routes)
+    return dataclasses.replace(bot, routes=routes, **{key: change(getattr(bot, key)) for key in SECRET_KEYS})
+
+
+def bot_secrets(bot: BotConfig) -> list[Secret]:
+    """Every secret of a bot: its own and its routes'."""
+    return [*(getattr(bot, key) for key in SECRET_KEYS), *(route.dify_app_api_key for route in bot.routes)]
+
+
 def redact_url(url: str) -> str:
-    """A URL without its password (`redis://:secret@host` -> `redis://:***@host`), for output and logs."""
+    """A URL without its credentials, for output and logs: the password of the user part
+    (`redis://:secret@host` -> `redis://:***@host`) and every credential in the query
+    (`unix:///run/redis.sock?password=secret` -> `...?password=***`). A URL that cannot be parsed shows
+    nothing but its scheme."""
     try:
         parts = urlsplit(url)
-        password, port = parts.password, parts.port
+        parts.port  # noqa: B018 - raises ValueError for a malformed host part, as redis-py's parser would
     except ValueError:
-        return url
-    if password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{port}" if port else "")
-    return parts._replace(netloc=netloc).geturl()
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        return f"{scheme}://***" if scheme.isalnum() else "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = "&".join(_redact_parameter(item) for item in parts.query.split("&")) if parts.query else ""
+    # put together by hand: urlunsplit drops the empty host of unix:///path
+    text = f"{parts.scheme}://{netloc}{parts.path}" if "://" in url else f"{parts.scheme}:{parts.path}"
+    return text + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def _redact_parameter(item: str) -> str:
+    name, equals, _ = item.partition("=")
+    return f"{name}=***" if equals and _SECRET_PARAMETER.search(unquote_plus(name)) else item
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials written in a URL (as given and decoded), for the log redaction of the process using it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [parts.password] if parts.password else []
+    found += [value for name, value in parse_qsl(parts.query) if _SECRET_PARAMETER.search(name)]
+    return [*found, *(unquote(value) for value in found)]
 
 
 def masked(value: Any) -> Any:
-    if isinstance(value, str) and "@" in value and "://" in value:
-        return redact_url(value)  # a store URL with a password
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)  # a store URL with a password, in its user part or its query
     if isinstance(value, Secret):
         return f"**** ({value.source})"
     if isinstance(value, tuple):
@@ -695,6 +848,7 @@ def render_effective(config: DaemonConfig, reveal: Callable[[Any], Any] = masked
         "restart_delay_max": config.restart_delay_max,
         "metrics_listen": config.metrics_listen,
         "status_socket": config.status_socket,
+        "start_timeout": config.start_timeout,
         "bots": [{f.name: reveal(getattr(bot, f.name)) for f in dataclasses.fields(bot)} for bot in config.bots],
     }
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)

@@ -38,6 +38,13 @@ class PeerError(DingdifydError):
     user_message = "The service did not answer. Please try again in a moment."
 
 
+class StoreUnavailable(DingdifydError):
+    """The bot's store could not be written (or read): a full or read-only disk, a locked database, Redis
+    out of reach. What was asked did not happen; the caller keeps it (or does not ACK the message)."""
+
+    exit_code = EX_TEMPFAIL
+
+
 # --- Dify -------------------------------------------------------------------------------------------------
 
 
@@ -112,6 +119,18 @@ class DifyUnavailable(DifyError):
     """Connection refused, DNS failure, TLS error: Dify could not be reached at all."""
 
     user_message = "The AI service cannot be reached right now. Please try again later."
+
+
+class DifyOverloaded(DifyError):
+    """Most recent requests to this Dify failed (its circuit is open): it is not asked, for now."""
+
+    user_message = "The AI service is having trouble right now, so I did not ask it. Please try again in a minute."
+
+
+class DifyQueueFull(DifyRateLimited):
+    """The answer waited for its turn at Dify longer than dingdifyd lets an answer wait."""
+
+    user_message = "Too many questions are waiting for the AI service right now. Please try again in a few minutes."
 
 
 # --- DingTalk ---------------------------------------------------------------------------------------------

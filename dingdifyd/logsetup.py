@@ -46,6 +46,8 @@ _secrets_pattern: re.Pattern[str] | None = None
 def register_secret(value: str | Secret | None) -> None:
     """From now on, `value` is replaced by `****` wherever it appears in a log line of this process."""
     global _secrets_pattern
+    if isinstance(value, Secret) and value.is_sealed:
+        return  # not this process's to know
     text = value.reveal() if isinstance(value, Secret) else value
     if not text or len(text) < _MIN_SECRET_LENGTH or text in _secrets:
         return

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -24,7 +25,9 @@ from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.config import BotConfig, DaemonConfig
 from dingdifyd.delivery_watch import LATE_AFTER, DeliveryWatch
+from dingdifyd.dify.client import DifyClient
 from dingdifyd.dify.guarded import GuardedAnswers
+from dingdifyd.dify.protected import DifyProtections, ProtectedAnswers, ProtectionSettings
 from dingdifyd.dingtalk.accounting import ApiAccounting
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.files import DingTalkFiles
@@ -37,6 +40,10 @@ from dingdifyd.supervisor.child import ParentChannel, heartbeat_interval, heartb
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+RECOVERY_RETRY = 5.0  # seconds between two looks at the answers left unfinished, when the store failed at start
+
 
 class BotRuntime:
     def __init__(
@@ -48,16 +55,25 @@ class BotRuntime:
         late_delivery_after: float = LATE_AFTER,
         card_backoff: dict[str, float] | None = None,
         stats: BotStats | None = None,
+        store: Store | None = None,
+        bridge_options: dict[str, Any] | None = None,
+        dify_protection: dict[str, Any] | None = None,
     ):
-        """`card_backoff`: the card scheduler's hold_base / retry_base ... (tests shorten DingTalk's 1 s)."""
+        """Test knobs: `card_backoff`, the card scheduler's hold_base / retry_base ... (tests shorten
+        DingTalk's 1 s); `store`, a store opened beforehand (e.g. with a short lease) instead of the bot's
+        own; `bridge_options`, more BridgeService settings (e.g. store_outage_notice_after); `dify_protection`,
+        ProtectionSettings fields (e.g. a shorter circuit cool-down)."""
         self.bot = bot
         self.daemon = daemon
         self.channel = channel
         self.bridge: BridgeService | None = None
         self.connection: StreamConnection | None = None
-        self.store: Store | None = None
+        self.store: Store | None = store
+        self._bridge_options = bridge_options or {}
+        self._dify_protection = dify_protection or {}
         self.accounting: ApiAccounting | None = None
         self.scheduler: CardScheduler | None = None
+        self.protections: DifyProtections | None = None
         self._card_backoff = card_backoff or {}
         self.delivery_watch = DeliveryWatch(bot.dingtalk_app_client_id, late_after=late_delivery_after)
         self.stats = stats if stats is not None else BotStats()  # what `dingdifyd status` and the metrics show
@@ -67,10 +83,12 @@ class BotRuntime:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def _on_message(self, message: IncomingMessage) -> None:
+    def _on_message(self, message: IncomingMessage) -> bool:
+        """Whether to ACK the message's frame: not when the store could not claim it (DingTalk redelivers)."""
         assert self.bridge is not None
-        self.delivery_watch.observe(message)
-        self.bridge.submit(message)
+        if not self.bridge.not_taken_before(message):  # else it is late because we did not ACK it: no stranger
+            self.delivery_watch.observe(message)
+        return self.bridge.submit(message).ack
 
     def _on_state(self, state: str) -> None:
         self.stats.connection(state)
@@ -86,8 +104,47 @@ class BotRuntime:
                 self.channel.disconnected()
 
     async def run(self) -> int:
+        # heartbeats from the first moment: checking the Dify apps may take a while, and a silent bot is killed
+        beats = self._start_heartbeats()
+        try:
+            return await self._run(beats)
+        finally:
+            if beats is not None:
+                beats.cancel()
+
+    def _start_heartbeats(self) -> asyncio.Task[None] | None:
+        if self.channel is None:
+            return None
+        interval = heartbeat_interval(self.daemon.heartbeat_timeout)
+        return asyncio.create_task(
+            heartbeat_loop(
+                self.channel, interval,
+                lambda: self.bridge.in_flight if self.bridge is not None else 0,
+                self.report,
+            ),
+            name="heartbeats",
+        )  # fmt: skip
+
+    async def _until_stopped(self, step: Awaitable[T], beats: asyncio.Task[None] | None) -> T | None:
+        """`step`'s result, or None when a stop is requested (or the supervisor goes away) first."""
+        task = asyncio.ensure_future(step)
+        stop = asyncio.create_task(self._stop.wait())
+        watched: set[asyncio.Future[Any]] = {task, stop, *([beats] if beats is not None else [])}
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+
+    async def _run(self, beats: asyncio.Task[None] | None) -> int:
         bot = self.bot
-        store = self.store = ErrorCountingStore(open_store(bot.store, bot.state_dir, bot.name), self.stats.store_error)
+        store = self.store = ErrorCountingStore(self.store or open_store(bot.store, bot.state_dir, bot.name),
+                                                self.stats.store_error)
         self.stats.attach_store(store)
         try:
             # two sessions: long Dify streams must never hold up DingTalk's short calls (cards, files)
@@ -102,21 +159,38 @@ class BotRuntime:
                 scheduler = self.scheduler = CardScheduler(
                     bot.dingtalk_card_qps, pacing=accounting.pacing, **self._card_backoff
                 )
-                # the bot's Dify apps (its own, its routes'), checked before any message is taken: exit 78 when wrong
-                apps = await start_apps(
-                    bot, bot_client(bot, dify_http), dify_http, where=key_path(self.daemon, bot), guard=GuardedAnswers
+                # each Dify protected from bursts: a bound on answers in flight shared through the store's slot
+                # table, a fair queue, one retry, a circuit breaker (dify/protected.py)
+                protections = self.protections = DifyProtections(
+                    store.dify_slots(),
+                    ProtectionSettings(max_concurrency=bot.dify_max_concurrency, **self._dify_protection),
                 )
+
+                def guard(client: DifyClient) -> ProtectedAnswers:
+                    return ProtectedAnswers(GuardedAnswers(client), protections.for_url(client.base_url))
+
+                # the bot's Dify apps (its own, its routes'), checked before any message is taken: exit 78 when
+                # wrong; a stop request (SIGTERM) is heeded meanwhile
+                apps = await self._until_stopped(start_apps(
+                    bot, bot_client(bot, dify_http), dify_http, where=key_path(self.daemon, bot), guard=guard
+                ), beats)  # fmt: skip
+                if apps is None:
+                    log.info("stopped while starting")
+                    return EX_OK
                 self.bridge = BridgeService(
                     bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id),
                     files=DingTalkFiles(api), scheduler=scheduler, on_answer=self.stats.answer,
+                    **self._bridge_options,
                 )  # fmt: skip
                 self.connection = StreamConnection(
                     client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
                     api_base=bot.dingtalk_api_base, session=http, on_message=self._on_message,
-                    on_state=self._on_state,
+                    on_state=self._on_state, on_failure=self.channel.problem if self.channel else lambda _: None,
                 )  # fmt: skip
-                return await self._serve()
+                return await self._serve(beats)
         finally:
+            if self.protections is not None:
+                self.protections.close()
             store.close()
 
     def report(self) -> dict[str, Any]:
@@ -124,31 +198,35 @@ class BotRuntime:
         accounting, scheduler = self.accounting, self.scheduler
         return self.stats.report(
             in_flight=self.bridge.in_flight if self.bridge is not None else 0,
-            queued=len(scheduler.policy) if scheduler is not None else 0,
+            # waiting for a card call, and waiting for a turn at the Dify (dify_max_concurrency)
+            queued=(len(scheduler.policy) if scheduler is not None else 0)
+            + (self.protections.waiting if self.protections is not None else 0),
             calls=accounting.stats() if accounting is not None else None,
             budget=self.bot.dingtalk_api_monthly_budget,
             pacing=accounting.pacing().level if accounting is not None else "normal",
         )  # fmt: skip
 
-    async def _serve(self) -> int:
+    async def _serve(self, beats: asyncio.Task[None] | None) -> int:
         assert self.bridge is not None and self.connection is not None and self.store is not None
         bridge = self.bridge
         resumed = bridge.recover()
         if resumed:
             log.warning("resuming %d answers an earlier process did not finish", resumed)
         self.delivery_watch.started(shared_store=self.store.shared)
-        tending = None
         if self.store.shared:
-            # renew this process's lease (also while stopping), adopt the answers of processes that are gone
+            # renew this process's lease (also while stopping), adopt the answers of processes that are gone,
+            # and hand ours over before the lease lapses when it cannot be renewed
             adopt = lambda: 0 if self._stop.is_set() else bridge.recover()  # noqa: E731
-            tending = asyncio.create_task(tend_shared_store(self.store, adopt), name="shared-store")
+            tending = asyncio.create_task(
+                tend_shared_store(self.store, adopt, hand_over=bridge.hand_over), name="shared-store"
+            )
+        else:
+            # the answers left unfinished could not be listed at start (the store failed): look again later
+            tending = asyncio.create_task(_retry_recovery(bridge), name="recovery")
         stream = asyncio.create_task(self.connection.run(), name="dingtalk-stream")
         stop = asyncio.create_task(self._stop.wait(), name="stop-request")
         watched = {stream, stop}
-        beats = None
-        if self.channel is not None:
-            interval = heartbeat_interval(self.daemon.heartbeat_timeout)
-            beats = asyncio.create_task(heartbeat_loop(self.channel, interval, lambda: bridge.in_flight, self.report))
+        if beats is not None:
             watched.add(beats)  # it returns when the supervisor is gone: an orphan stops too
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
@@ -161,6 +239,7 @@ class BotRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await stream
             await bridge.drain(self.daemon.stop_timeout)
+            await bridge.ledger.aclose()
             if self.accounting is not None:
                 self.accounting.flush()
             log.info("stopped (%d answered, %d failed)", bridge.answered, bridge.failed)
@@ -169,9 +248,15 @@ class BotRuntime:
             log.error("credentials refused: %s; fix the bot's configuration (not restarting)", exc)
             return EX_CONFIG
         finally:
-            for task in (stream, stop, beats, tending):
-                if task is not None:
-                    task.cancel()
+            for task in (stream, stop, tending):
+                task.cancel()
+
+
+async def _retry_recovery(bridge: BridgeService, every: float = RECOVERY_RETRY) -> None:
+    while True:
+        await asyncio.sleep(every)
+        if bridge.retry_recovery():
+            log.warning("resumed the answers an earlier process did not finish, now that the store works")
 
 
 def bot_process_main(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:

@@ -13,8 +13,10 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 THINKING_PLACEHOLDER = "💭 Thinking…"
+LINK_REMOVED = "(link removed)"  # what a link definition with an unsafe target shows instead
 REASONING_TITLE = "💭 **Thinking**"
 LINE_BREAK = "<br>"
 
@@ -458,3 +460,41 @@ def replace_images(text: str, replacement: Callable[[str, str], str]) -> str:
 def replace_links(text: str, replacement: Callable[[str, str], str]) -> str:
     """Replace each markdown link (not image) outside code by `replacement(label, url)`."""
     return outside_code(text, lambda chunk: _LINK.sub(lambda m: replacement(m.group(1), m.group(2)), chunk))
+
+
+# --- links that must not reach the card ------------------------------------------------------------------
+
+# A model can be made to write any link: only web links (and scheme-less ones: DingTalk media ids, Dify's
+# relative /files/ URLs) may reach a card. `javascript:`, `data:`, `vbscript:`, `file:`, and DingTalk's own
+# `dtmd://` (which makes the reader's client send a message when tapped) are shown as plain text.
+SAFE_LINK_SCHEMES = frozenset({"http", "https"})
+_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
+_INVISIBLE = re.compile(r"[\x00-\x20\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]+")
+_AUTOLINK = re.compile(r"<([a-zA-Z][a-zA-Z0-9+.\-]{1,31}:[^<>\s]*)>")
+_LINK_DEFINITION = re.compile(r"^( {0,3}\[[^\]\n]+\]:)[ \t]*<?([^\s>]+)>?.*$", re.MULTILINE)
+_LINK_OPENING = re.compile(r"\]\((?=\s*<?([^)>\n]*))")
+
+
+def link_allowed(url: str) -> bool:
+    """Whether a link target may reach the card: http(s), or no scheme at all. Entities, %-escapes and
+    invisible characters are undone first, as a browser would before it reads the scheme."""
+    cleaned = _INVISIBLE.sub("", html.unescape(unquote(html.unescape(url))))
+    scheme = _URL_SCHEME.match(cleaned)
+    return scheme is None or scheme.group(1).lower() in SAFE_LINK_SCHEMES
+
+
+def neutralise_links(text: str) -> str:
+    """Links and images whose target is not a web link become their text (outside code, which shows them as
+    written anyway). What the link patterns do not recognise but a renderer might (odd titles, nested
+    parentheses) has the `](` of its link broken, so that it is no link at all."""
+
+    def transform(chunk: str) -> str:
+        chunk = _IMAGE.sub(lambda m: m.group(0) if link_allowed(m.group(2)) else m.group(1), chunk)
+        chunk = _LINK.sub(lambda m: m.group(0) if link_allowed(m.group(2)) else m.group(1), chunk)
+        chunk = _AUTOLINK.sub(lambda m: m.group(0) if link_allowed(m.group(1)) else m.group(1), chunk)
+        chunk = _LINK_DEFINITION.sub(
+            lambda m: m.group(0) if link_allowed(m.group(2)) else f"{m.group(1)} {LINK_REMOVED}", chunk
+        )
+        return _LINK_OPENING.sub(lambda m: "](" if link_allowed(m.group(1)) else "] (", chunk)
+
+    return outside_code(text, transform)

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import mimetypes
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -29,6 +29,7 @@ from dingdifyd.bridge import markdown
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.errors import PeerError
+from dingdifyd.origins import origin_of, origins_of
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,28 @@ log = logging.getLogger(__name__)
 DINGTALK_IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "gif", "bmp", "webp"})
 MAX_FILE_BYTES = 20 * 1024 * 1024  # DingTalk's media upload limit
 
+# One answer brings over at most this many images and files (each a download from Dify and an upload to
+# DingTalk); a bot process moves at most MAX_TRANSFERS of them at a time, each at most MAX_FILE_BYTES, so the
+# media it holds in memory stays below MAX_TRANSFERS x MAX_FILE_BYTES (twice that while one is being copied).
+MAX_IMAGES_PER_ANSWER = 20
+MAX_FILES_PER_ANSWER = 10
+MAX_TRANSFERS = 3
+
 IMAGE_FAILED = "🖼️ {alt} (could not be shown)"
 FILE_FAILED = "The file “{name}” from the app could not be delivered."
 FILE_SEND_FAILED = "⚠️ The file “{name}” from the app could not be sent here."
+IMAGES_LEFT_OUT = "{count} more images from the app were left out (at most {limit} per answer)."
+FILES_LEFT_OUT = "{count} more files from the app were left out (at most {limit} per answer)."
 
-# Dify's own file routes, whatever host FILES_URL names: tool files, and upload previews.
-_DIFY_FILE_PATH = re.compile(r"/files/(?:tools/[^/]+|[0-9a-fA-F-]{36}/(?:file|image)-preview)$")
 _DATA_URL = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,(.+)$", re.DOTALL)
 
 
-def dify_file_url(url: str, public_base: str) -> str | None:
-    """The absolute URL to fetch when `url` is a file Dify serves, else None (a URL DingTalk can use as is)."""
+def dify_file_url(url: str, public_base: str, origins: Iterable[str] = ()) -> str | None:
+    """The absolute URL to fetch when `url` is a file Dify serves, else None (a URL DingTalk can use as is).
+
+    Dify's files are relative URLs, or absolute ones on Dify's own origin (scheme, host and port) or on one
+    of `origins` (its FILES_URL host, when configured). A Dify-looking path on any other origin is not
+    Dify's: the daemon never fetches it (a model can be made to write `http://169.254.169.254/files/...`)."""
     url = url.strip()
     if not url or url.startswith(("@", "data:")):
         return None
@@ -54,12 +66,8 @@ def dify_file_url(url: str, public_base: str) -> str | None:
     if not parts.scheme and not parts.netloc:
         path = url if url.startswith("/") else "/" + url
         return public_base.rstrip("/") + path
-    if parts.scheme not in ("http", "https"):
-        return None
-    base = urlsplit(public_base)
-    if parts.netloc == base.netloc or _DIFY_FILE_PATH.search(parts.path):
-        return url
-    return None
+    allowed = origins_of([public_base, *origins])
+    return url if origin_of(url) in allowed else None
 
 
 def file_name_of(url: str, content_type: str = "", fallback: str = "file") -> str:
@@ -102,6 +110,21 @@ class _Item:
     failed: bool = False
 
 
+class MediaTransfers:
+    """The transfers (a Dify download and its DingTalk upload) a bot process makes at a time, shared by all
+    its answers: one answer with hundreds of images must not start hundreds of 20 MB downloads."""
+
+    def __init__(self, limit: int = MAX_TRANSFERS):
+        self.limit = limit
+        self._slots: asyncio.Semaphore | None = None  # made on first use, in the process's own event loop
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limit)
+        return self._slots
+
+
 class OutgoingMedia:
     """The images and files of one answer. Rewrites the card text as uploads complete; sends files after it."""
 
@@ -113,13 +136,18 @@ class OutgoingMedia:
         dify: DifyFiles | None,
         dingtalk: MessageFiles | None,
         delivery: str = "card",
+        origins: Iterable[str] = (),
+        transfers: MediaTransfers | None = None,
     ):
         self.message = message
         self.public_base = public_base
+        self.origins = tuple(origins)  # where else Dify serves files (its FILES_URL host)
         self.dify = dify
         self.dingtalk = dingtalk
         self.delivery = delivery
+        self.transfers = transfers or MediaTransfers()
         self._items: dict[str, _Item] = {}
+        self._left_out: dict[str, set[str]] = {"image": set(), "file": set()}  # over the caps, by key
         self._extra: list[str] = []  # keys of images Dify sent as events or outputs, shown after the text
         self._files: list[str] = []  # keys of files sent after the card
         self._external_images: list[str] = []  # with delivery "message": images on other hosts, sent as they are
@@ -132,7 +160,7 @@ class OutgoingMedia:
 
     def add_file(self, url: str, file_type: str = "", name: str = "") -> None:
         """A `message_file` event, or a file of a workflow's outputs."""
-        source = dify_file_url(url, self.public_base)
+        source = dify_file_url(url, self.public_base, self.origins)
         if source is None:
             if url.startswith(("http://", "https://")) and file_type == "image":
                 key = url
@@ -144,7 +172,7 @@ class OutgoingMedia:
         is_image = file_type == "image" and att.extension_of(name) in DINGTALK_IMAGE_EXTENSIONS | {""}
         item = self._item(source, "image" if is_image else "file", name)
         target = self._extra if is_image else self._files
-        if item.key not in target:
+        if item is not None and item.key not in target:
             target.append(item.key)
 
     def add_outputs(self, outputs: Mapping[str, Any]) -> None:
@@ -153,10 +181,16 @@ class OutgoingMedia:
             name = str(obj.get("filename") or "")
             self.add_file(url, str(obj.get("type") or ""), name)
 
-    def _item(self, source: str, kind: str, name: str, alt: str = "") -> _Item:
+    def _item(self, source: str, kind: str, name: str, alt: str = "") -> _Item | None:
+        """The item of `source`, made (and its transfer started) on first sight; None when it is over the
+        answer's cap for its kind (it is then left out, and the final text says how many were)."""
         key = _key_of(source)
         item = self._items.get(key)
         if item is None:
+            cap = MAX_IMAGES_PER_ANSWER if kind == "image" else MAX_FILES_PER_ANSWER
+            if sum(1 for other in self._items.values() if other.kind == kind) >= cap:
+                self._left_out[kind].add(key)
+                return None
             item = _Item(key, source, kind, name, alt)
             self._items[key] = item
             if self.can_rehost:
@@ -164,6 +198,10 @@ class OutgoingMedia:
         return item
 
     async def _rehost(self, item: _Item) -> str:
+        async with self.transfers.slots:
+            return await self._transfer(item)
+
+    async def _transfer(self, item: _Item) -> str:
         assert self.dify is not None and self.dingtalk is not None
         if item.source.startswith("data:"):
             content_type = item.source[5:].split(";", 1)[0]
@@ -202,7 +240,7 @@ class OutgoingMedia:
                     return ""
                 item = self._item(url, "image", "image", alt)
             else:
-                source = dify_file_url(url, self.public_base)
+                source = dify_file_url(url, self.public_base, self.origins)
                 if source is None:  # DingTalk fetches it itself
                     if self.delivery == "message" and url.startswith("https://"):
                         if url not in self._external_images:
@@ -212,6 +250,8 @@ class OutgoingMedia:
                 if not self.can_rehost:
                     return f"![{alt}]({source})"
                 item = self._item(source, "image", file_name_of(source, fallback="image"), alt)
+            if item is None:
+                return ""  # over the cap: left out, and counted in the final text
             referenced.add(item.key)
             return self._show(item, alt, final)
 
@@ -229,6 +269,10 @@ class OutgoingMedia:
                     lines.append("⚠️ " + FILE_FAILED.format(name=item.name))
                 elif item.task is None:  # nothing can upload it (terminal chat): a plain link
                     lines.append(f"📎 [{item.name}]({item.source})")
+            for kind, note, limit in (("image", IMAGES_LEFT_OUT, MAX_IMAGES_PER_ANSWER),
+                                      ("file", FILES_LEFT_OUT, MAX_FILES_PER_ANSWER)):  # fmt: skip
+                if self._left_out[kind]:
+                    lines.append("⚠️ " + note.format(count=len(self._left_out[kind]), limit=limit))
             text = "\n\n".join(piece for piece in [text, *lines] if piece)
         return text
 
@@ -274,29 +318,24 @@ class OutgoingMedia:
             await asyncio.wait(tasks)
         return self.card_text(text, final=True)
 
-    async def send_after_card(self, plain_reply: Callable[[str], Awaitable[None]]) -> None:
-        """Images (delivery "message") and files, each as a message of its own, in order."""
+    def after_card(self) -> list[dict[str, str]]:
+        """What goes out after the card, in order, as plain data (kept with the answer in flight, so that a
+        successor sends what was not sent): images (delivery "message") and files, one message each."""
         if self.dingtalk is None:
-            return
+            return []
         self._collect()
-        sends: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        sends: list[dict[str, str]] = []
         if self.delivery == "message":
             for item in self._items.values():
                 if item.kind == "image" and item.media_id is not None:
-                    sends.append((item.name, _bind(self.dingtalk.send_image, self.message, item.media_id)))
+                    sends.append({"kind": "image", "target": item.media_id, "name": item.name})
             for url in [*self._external_images, *(k for k in self._extra if self._items[k].kind == "external")]:
-                sends.append((url, _bind(self.dingtalk.send_image, self.message, url)))
+                sends.append({"kind": "image", "target": url, "name": url})
         for key in self._files:
             item = self._items[key]
             if item.media_id is not None:
-                sends.append((item.name, _bind(self.dingtalk.send_file, self.message, item.media_id, item.name)))
-        for name, send in sends:
-            try:
-                await send()
-            except PeerError as exc:
-                log.warning("message %s: sending a file after the card failed: %s", self.message.msg_id, exc)
-                with contextlib.suppress(PeerError):
-                    await plain_reply(FILE_SEND_FAILED.format(name=name.rsplit("/", 1)[-1]))
+                sends.append({"kind": "file", "target": item.media_id, "name": item.name})
+        return sends
 
     async def aclose(self) -> None:
         """Stop uploads still running (the answer failed or was interrupted)."""
@@ -318,11 +357,23 @@ def _key_of(source: str) -> str:
     return f"{parts.netloc}{parts.path}"
 
 
-def _bind(function: Callable[..., Awaitable[None]], *args: Any) -> Callable[[], Awaitable[None]]:
-    async def call() -> None:
-        await function(*args)
-
-    return call
+async def send_after_card(
+    dingtalk: MessageFiles,
+    message: IncomingMessage,
+    send: Mapping[str, str],
+    plain_reply: Callable[[str], Awaitable[None]],
+) -> None:
+    """One of `OutgoingMedia.after_card()`'s messages; when DingTalk refuses it, the person is told instead."""
+    name = str(send.get("name") or "")
+    try:
+        if send.get("kind") == "image":
+            await dingtalk.send_image(message, str(send["target"]))
+        else:
+            await dingtalk.send_file(message, str(send["target"]), name)
+    except PeerError as exc:
+        log.warning("message %s: sending a file after the card failed: %s", message.msg_id, exc)
+        with contextlib.suppress(PeerError):
+            await plain_reply(FILE_SEND_FAILED.format(name=name.rsplit("/", 1)[-1]))
 
 
 def decode_data_url(url: str) -> bytes | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dingdifyd.bridge.markdown import neutralise_links
 from dingdifyd.dify.events import AgentThought, DifyEvent, NodeStarted, StepEvent
 
 # Steps that say nothing to the person: every run has them, and the answer node starts when the answer does.
@@ -60,7 +61,7 @@ def _step_line(event: StepEvent) -> str | None:
 
 def with_suggestions(answer: str, questions: Sequence[str]) -> str:
     """The answer followed by the suggested questions (at most three, one line each)."""
-    lines = [f"- {' '.join(q.split())}" for q in questions if q.strip()][:3]
+    lines = [f"- {neutralise_links(' '.join(q.split()))}" for q in questions if q.strip()][:3]  # the model's words
     if not lines or not answer.strip():
         return answer
     return f"{answer.rstrip()}\n\n---\n{SUGGESTIONS_HEADING}\n\n" + "\n".join(lines)

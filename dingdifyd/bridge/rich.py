@@ -4,10 +4,8 @@ while the answer streams and when it ends."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from dingdifyd.bridge.markdown import AnswerStyle, render_answer
-from dingdifyd.bridge.media import OutgoingMedia
+from dingdifyd.bridge.markdown import AnswerStyle, neutralise_links, render_answer
+from dingdifyd.bridge.media import MediaTransfers, OutgoingMedia
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.config import BotConfig
@@ -15,20 +13,30 @@ from dingdifyd.dify.events import DifyEvent, MessageEnd, MessageFile, WorkflowFi
 
 
 class RichAnswer:
-    def __init__(self, *, bot: BotConfig, message: IncomingMessage, dify: object, files: MessageFiles | None):
+    def __init__(
+        self,
+        *,
+        bot: BotConfig,
+        message: IncomingMessage,
+        dify: object,
+        files: MessageFiles | None,
+        transfers: MediaTransfers | None = None,
+    ):
         self.style = AnswerStyle(show_reasoning=bot.show_reasoning, tables=bot.markdown_tables)
         self.media = OutgoingMedia(
             message=message,
             # the routed app's own host (a route may use another Dify), like BotConfig.dify_public_base
             public_base=_without_v1(getattr(dify, "base_url", "")) or bot.dify_public_base,
+            origins=getattr(dify, "file_origins", ()),  # the only other origin files are fetched from
             dify=dify if isinstance(dify, DifyFiles) else None,
             dingtalk=files,
             delivery=bot.image_delivery,
+            transfers=transfers,
         )
 
     def view(self, raw: str) -> str:
-        """The card text for the answer so far."""
-        return self.media.card_text(render_answer(raw, self.style, final=False))
+        """The card text for the answer so far. Links are made safe last, once images are DingTalk media."""
+        return neutralise_links(self.media.card_text(render_answer(raw, self.style, final=False)))
 
     def see(self, event: DifyEvent) -> None:
         """Files Dify sends beside the text: `message_file` events, workflow file outputs, and 1.x's `files` of
@@ -45,10 +53,11 @@ class RichAnswer:
 
     async def final(self, raw: str) -> str:
         """The card's final text, once every image is uploaded (or given up on)."""
-        return await self.media.final_text(render_answer(raw, self.style, final=True))
+        return neutralise_links(await self.media.final_text(render_answer(raw, self.style, final=True)))
 
-    async def after_card(self, plain_reply: Callable[[str], Awaitable[None]]) -> None:
-        await self.media.send_after_card(plain_reply)
+    def after_card(self) -> list[dict[str, str]]:
+        """The messages that follow the card (images, files), as data: see media.send_after_card."""
+        return self.media.after_card()
 
     async def aclose(self) -> None:
         await self.media.aclose()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
+import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, NamedTuple
 
 from dingdifyd.bridge import attachments as att
 from dingdifyd.bridge import forms, intake, session
@@ -24,10 +26,13 @@ from dingdifyd.bridge.commands import ChatCommands, parse_command
 from dingdifyd.bridge.failures import failure_note
 from dingdifyd.bridge.forms import Answer, Invalid, NotAnAnswer, PendingForm
 from dingdifyd.bridge.human_input import FormDesk
+from dingdifyd.bridge.ledger import AnswerLedger
 from dingdifyd.bridge.markdown import for_plain_reply
+from dingdifyd.bridge.media import MediaTransfers, send_after_card
 from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
 from dingdifyd.bridge.progress import with_suggestions
+from dingdifyd.bridge.recent import RecentIds
 from dingdifyd.bridge.report import AnswerReport
 from dingdifyd.bridge.rich import RichAnswer
 from dingdifyd.bridge.running import AnswerTurn, RunningAnswers, stopped_text
@@ -35,9 +40,16 @@ from dingdifyd.bridge.streamer import CardStreamer
 from dingdifyd.bridge.transcript import Ending, Transcript
 from dingdifyd.bridge.uploads import IncomingFiles, Question
 from dingdifyd.config import BotConfig
-from dingdifyd.dify.events import DifyEvent, MessageEnd, MessageFile, WorkflowFinished
+from dingdifyd.dify.events import Admitted, DifyEvent, MessageEnd, MessageFile, Queued, WorkflowFinished
 from dingdifyd.dingtalk.scheduler import CardScheduler
-from dingdifyd.errors import ConversationNotFound, DifyStreamCut, FormAnswerRefused, PeerError, RunNotFollowable
+from dingdifyd.errors import (
+    ConversationNotFound,
+    DifyStreamCut,
+    FormAnswerRefused,
+    PeerError,
+    RunNotFollowable,
+    StoreUnavailable,
+)
 from dingdifyd.logfields import event as log_event
 from dingdifyd.logfields import message_context
 from dingdifyd.store import InFlight, Store
@@ -50,6 +62,39 @@ EMPTY_ANSWER = "(The app returned an empty answer.)"
 INTERNAL_ERROR = "Something went wrong on our side while answering. Please try again."
 INTERRUPTED = "The bot is restarting and could not finish this answer. Please ask again in a moment."
 GAVE_UP = "This message could not be answered (the bot stopped several times while answering it)."
+QUEUED = "⏳ Queued: {ahead} ahead"  # the answer waits for its turn at the AI service (dify/protected.py)
+QUEUE_YOUR_TURN = "⏳ It is your turn; the answer is on its way."
+CANNOT_TAKE_MESSAGES = (
+    "Sorry, I cannot take messages right now: the bot's server has a problem (its admin can see it in the "
+    "log). Please send your message again in a few minutes."
+)
+
+# A store that cannot write is an outage once it has lasted this long: people whose messages it refuses are
+# told (once per message), instead of waiting for DingTalk's redeliveries in silence.
+STORE_OUTAGE_NOTICE_AFTER = 60.0
+
+
+class Intake(enum.Enum):
+    """What became of a delivered message, and so whether its frame is ACKed."""
+
+    TAKEN = "taken"  # answered (or refused with a reply) here
+    DUPLICATE = "duplicate"  # already claimed: a redelivery
+    IGNORED = "ignored"  # nothing to answer, or the bot is stopping
+    NOT_TAKEN = "not taken"  # the store could not claim it: not ACKed, so that DingTalk delivers it again
+
+    @property
+    def ack(self) -> bool:
+        return self is not Intake.NOT_TAKEN
+
+
+class Done(NamedTuple):
+    """How one message's handling ended, and what still follows its card (images, files: media.py)."""
+
+    outcome: str  # answered | failed
+    sends: tuple[dict[str, str], ...] = ()
+
+
+ANSWERED = Done("answered")
 
 
 class BridgeService:
@@ -65,6 +110,7 @@ class BridgeService:
         scheduler: CardScheduler | None = None,
         interrupted_note: str = INTERRUPTED,
         on_answer: Callable[[AnswerReport], None] | None = None,
+        store_outage_notice_after: float = STORE_OUTAGE_NOTICE_AFTER,
     ):
         self.bot = bot
         # what an answer cut short by a stop says (the terminal chat's Ctrl-C restarts nothing)
@@ -73,9 +119,15 @@ class BridgeService:
         # the app's card-call scheduler, shared by every answer (None: each card unpaced, as in the terminal)
         self.scheduler = scheduler
         self.store = store
+        self.ledger = AnswerLedger(store)  # answers in flight: claimed, updated, ended, replayed when refused
+        self.store_outage_notice_after = store_outage_notice_after
+        self._store_failing_since: float | None = None
+        self._told_not_taken = RecentIds(1000)  # messages whose sender was told the bot cannot take them
+        self._not_taken_keys = RecentIds(10000)  # messages not ACKed here: DingTalk delivers them again, late
         # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
         self.files = files
         self.incoming = IncomingFiles(bot=bot, dingtalk=files)
+        self.media_transfers = MediaTransfers()  # Dify's images and files on their way: a few at a time
         # which Dify app answers a message: the bot's own, or a route's (`routes:`)
         self.apps = apps
         self.access = AccessPolicy.from_bot(bot)
@@ -86,9 +138,16 @@ class BridgeService:
         self.clock = clock
         self.policy = UpdatePolicy(interval=bot.card_update_interval, min_chars=bot.card_update_min_chars)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._streamers: dict[str, CardStreamer] = {}  # message key -> the card of its answer in flight
+        self._answer_tasks: dict[str, asyncio.Task[None]] = {}
+        self._handed_over: set[str] = set()  # answers abandoned to another process: no more writes about them
         self._accepting = True
+        self._recovery_due = False  # the store could not list the answers left unfinished; ask again later
         self.answered = 0
         self.failed = 0
+        self.redeliveries = 0  # messages recognised as already claimed (here, by an earlier process, or a peer)
+        self.not_taken = 0  # deliveries the store could not claim (not ACKed: DingTalk delivers them again)
+        self.handovers = 0  # answers left to other processes when this one's lease could not be renewed
 
     @property
     def in_flight(self) -> int:
@@ -96,51 +155,100 @@ class BridgeService:
 
     # --- entry points ------------------------------------------------------------------------------------
 
-    def submit(self, message: IncomingMessage) -> bool:
-        """Take a delivered message. Synchronous and quick: it runs before the frame is ACKed.
-
-        Returns False when the message is a redelivery (or the bot is stopping) and will not be answered here.
-        """
+    def submit(self, message: IncomingMessage) -> Intake:
+        """Take a delivered message. Synchronous and quick: it runs before the frame is ACKed, and its frame is
+        ACKed only when the result says so (a message the store could not claim is delivered again)."""
         key = session.message_key(message)
         if not self._accepting:
             log.warning("message %s arrived while stopping; not taken", message.msg_id)
-            return False
+            return Intake.IGNORED
         if not intake.answerable(message):
             log.warning("message %s has no sender or conversation to answer; ignored", message.msg_id)
-            return False
+            return Intake.IGNORED
+        refusal = self.access.refusal(message)
+        record = None
+        if refusal is None:
+            record = InFlight(key, dataclasses.asdict(message), session.out_track_id(message), attempts=1)
+        try:
+            claimed = self.ledger.claim(key, record)  # the claim and its answer in flight: one transaction
+        except StoreUnavailable:
+            self._not_taken(message)
+            return Intake.NOT_TAKEN
+        self._store_failing_since = None
         about = {"msg_id": message.msg_id, "conversation_id": message.conversation_id}
-        if not self.store.claim_message(key):
+        if not claimed:
+            self.redeliveries += 1
             log.info("message %s is a redelivery; already answered or being answered", message.msg_id,
                      extra=log_event("duplicate", **about))  # fmt: skip
-            return False
-        refusal = self.access.refusal(message)
-        if refusal is not None:
+            return Intake.DUPLICATE
+        if refusal is not None or record is None:
             log.info("message %s from %s refused (%s)", message.msg_id, message.user_id, refusal,
                      extra=log_event("refused", **about))  # fmt: skip
             self._report(AnswerReport("refused"))
             self._refuse(message)
-            return True
-        record = InFlight(key, dataclasses.asdict(message), session.out_track_id(message), attempts=1)
-        self.store.begin_answer(record)
+            return Intake.TAKEN
         log.info(
             "message %s from %s in %s chat %s (%s, %d chars)",
             message.msg_id, message.user_id, "group" if message.is_group else "1:1",
             message.conversation_id, message.msg_type, len(message.text), extra=log_event("received", **about),
         )  # fmt: skip
         self._spawn(message, record, resumed=False)
-        return True
+        return Intake.TAKEN
+
+    def not_taken_before(self, message: IncomingMessage) -> bool:
+        """Whether this process left the message unACKed before: its redelivery is late by our doing."""
+        return session.message_key(message) in self._not_taken_keys
+
+    def _not_taken(self, message: IncomingMessage) -> None:
+        """The store could not claim the message (the store logs the outage, once): it is not ACKed. Once the
+        outage has lasted, its sender is told, once per message, not left waiting in silence."""
+        self.not_taken += 1
+        self._not_taken_keys.add(session.message_key(message))
+        now = self.clock()
+        if self._store_failing_since is None:
+            self._store_failing_since = now
+        log.info("message %s not taken: the store cannot claim it; DingTalk will deliver it again", message.msg_id)
+        if now - self._store_failing_since < self.store_outage_notice_after or not self._told_not_taken.add(
+            session.message_key(message)
+        ):
+            return
+
+        async def tell() -> None:
+            try:
+                await self.replies.plain_reply(message, CANNOT_TAKE_MESSAGES)
+            except PeerError as exc:
+                log.warning("message %s: the person could not be told (%s)", message.msg_id, type(exc).__name__)
+
+        task = asyncio.create_task(tell(), name=f"not-taken-{message.msg_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def recover(self) -> int:
-        """Finish the answers an earlier process of this bot started and did not end (it crashed or was killed)."""
+        """Finish the answers an earlier process of this bot started and did not end (it crashed or was killed):
+        only what is unfinished, so an answer whose card is final only gets what it had still to send."""
+        try:
+            records = self.store.unfinished_answers()
+        except StoreUnavailable:
+            self._recovery_due = True  # looked at again once the store works (see retry_recovery)
+            return 0
+        self._recovery_due = False
         resumed = 0
-        for record in self.store.unfinished_answers():
+        for record in records:
+            if record.message_key in self._answer_tasks:
+                continue  # still being answered (or handed over and still stopping) here
             try:
                 message = IncomingMessage(**record.message)
             except TypeError:
-                self.store.end_answer(record.message_key)
+                self.ledger.end(record.message_key)
+                continue
+            if record.final_delivered:
+                log.warning("message %s: an earlier process delivered its answer; sending what it had left (%d)",
+                            message.msg_id, len(record.pending_sends))  # fmt: skip
+                self._spawn_task(self._finish_sends(message, record), f"sends-{message.msg_id}")
+                resumed += 1
                 continue
             record = dataclasses.replace(record, attempts=record.attempts + 1)
-            self.store.begin_answer(record)
+            self.ledger.save(record)
             log.warning(
                 "resuming message %s left unanswered by an earlier process (attempt %d)",
                 message.msg_id,
@@ -149,6 +257,28 @@ class BridgeService:
             self._spawn(message, record, resumed=True)
             resumed += 1
         return resumed
+
+    def retry_recovery(self) -> int:
+        """`recover` again if the store could not be read when it last tried."""
+        return self.recover() if self._recovery_due else 0
+
+    def hand_over(self) -> int:
+        """This process can no longer prove it is alive to the others sharing the store (its lease could not
+        be renewed in time): stop writing every card whose answer the store holds, at once and without a word,
+        since another process will adopt and finish it. Answers the store never learnt of go on here."""
+        handed = 0
+        for key, streamer in list(self._streamers.items()):
+            if not self.ledger.in_store(key):
+                continue
+            self._handed_over.add(key)
+            self.ledger.forget(key)
+            streamer.abandon()
+            handed += 1
+            task = self._answer_tasks.get(key)
+            if task is not None:
+                task.cancel()
+        self.handovers += handed
+        return handed
 
     async def wait_idle(self) -> None:
         """Wait until every answer in flight has ended."""
@@ -169,34 +299,53 @@ class BridgeService:
     # --- one message --------------------------------------------------------------------------------------
 
     def _spawn(self, message: IncomingMessage, record: InFlight, *, resumed: bool) -> None:
-        task = asyncio.create_task(
-            self._answer(message, record, resumed), name=f"answer-{message.msg_id}",
+        key = record.message_key
+        task = self._spawn_task(
+            self._answer(message, record, resumed), f"answer-{message.msg_id}",
             context=message_context(message.msg_id, message.conversation_id),  # its log lines name the message
         )  # fmt: skip
+        self._answer_tasks[key] = task
+
+        def ended(_: asyncio.Task[None]) -> None:
+            self._answer_tasks.pop(key, None)
+            # an answer handed over may come back to this process like any other's (recover adopts it)
+            self._handed_over.discard(key)
+
+        task.add_done_callback(ended)
+
+    def _spawn_task(
+        self, coroutine: Coroutine[Any, Any, None], name: str, context: contextvars.Context | None = None
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine, name=name, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _answer(self, message: IncomingMessage, record: InFlight, resumed: bool) -> None:
         started = self.clock()
+        key = record.message_key
         card = self.replies.card(message, record.out_track_id)
 
         async def plain(text: str) -> None:
             await self.replies.plain_reply(message, for_plain_reply(text))
 
         streamer = CardStreamer(card, self.policy, plain, self.clock, scheduler=self.scheduler)
+        self._streamers[key] = streamer
         outcome = "failed"
+        sends: tuple[dict[str, str], ...] = ()
         error: BaseException | None = None
         try:
             await streamer.open(already_exists_ok=resumed)
             if record.attempts > MAX_ATTEMPTS:
                 await streamer.fail(GAVE_UP)
                 return
-            outcome = await self._respond(message, streamer, record)
+            outcome, sends = await self._respond(message, streamer, record)
         except asyncio.CancelledError:
             outcome = "interrupted"
-            with contextlib.suppress(BaseException):
-                ending = streamer.fail(_with_note(streamer.text, self.interrupted_note))
-                await asyncio.wait_for(asyncio.shield(ending), 10)
+            if key not in self._handed_over:
+                with contextlib.suppress(BaseException):
+                    ending = streamer.fail(_with_note(streamer.text, self.interrupted_note))
+                    await asyncio.wait_for(asyncio.shield(ending), 10)
             raise
         except PeerError as exc:
             error = exc
@@ -214,11 +363,21 @@ class BridgeService:
             log.exception("message %s: unexpected error", message.msg_id)
             await streamer.fail(_with_note(streamer.text, INTERNAL_ERROR))
         finally:
-            self.store.end_answer(record.message_key)
-            if outcome == "answered":
-                self.answered += 1
+            self._streamers.pop(key, None)
+            if key in self._handed_over:
+                outcome = "handed over to another process"
             else:
-                self.failed += 1
+                if outcome == "answered":
+                    self.answered += 1
+                else:
+                    self.failed += 1
+                if streamer.delivered_by is not None:
+                    # the person has the final answer (or the note why not): from here on a successor must
+                    # only send what is left, never ask Dify again
+                    record = dataclasses.replace(record, final_delivered=True, pending_sends=tuple(sends))
+                    self.ledger.save(record)
+                if not record.pending_sends:
+                    self.ledger.end(key)
             log.info(
                 "message %s %s in %.2fs (%d card calls, %d chars%s)",
                 message.msg_id,
@@ -235,6 +394,23 @@ class BridgeService:
                 outcome, self.clock() - started, shown - started if shown is not None else None, error,
                 dify_answered=outcome == "answered" and (command is None or command.name not in ChatCommands.KNOWN),
             ))  # fmt: skip
+        if record.pending_sends and key not in self._handed_over:
+            await self._finish_sends(message, record)
+
+    async def _finish_sends(self, message: IncomingMessage, record: InFlight) -> None:
+        """Send what follows the card (images, files), recording each as sent; then the answer is done."""
+        if self.files is not None:
+
+            async def plain(text: str) -> None:
+                await self.replies.plain_reply(message, for_plain_reply(text))
+
+            remaining = list(record.pending_sends)
+            while remaining:
+                await send_after_card(self.files, message, remaining[0], plain)
+                remaining.pop(0)
+                if remaining:
+                    self.ledger.save(dataclasses.replace(record, pending_sends=tuple(remaining)))
+        self.ledger.end(record.message_key)
 
     def _report(self, report: AnswerReport) -> None:
         if self.on_answer is not None:
@@ -258,18 +434,18 @@ class BridgeService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _respond(self, message: IncomingMessage, streamer: CardStreamer, record: InFlight) -> str:
+    async def _respond(self, message: IncomingMessage, streamer: CardStreamer, record: InFlight) -> Done:
         refusal = intake.refusal(message, max_chars=self.bot.max_message_chars)  # DingTalk errors, huge texts
         if refusal is not None:
             await streamer.finish(refusal)
-            return "answered"
+            return ANSWERED
         text = message.text.strip()
         app = self.apps.route_for(message)
         key = app.session_key(message, self.bot.session_scope)
         reply = await self.commands.handle(text, key)  # None: not a command of ours (`/summarize` goes to Dify)
         if reply is not None:
             await streamer.finish(reply)
-            return "answered"
+            return ANSWERED
         user = session.dify_user(message, self.bot.session_scope)
         if record.workflow_run_id:
             # an earlier process died while Dify answered: follow that run rather than ask again
@@ -292,10 +468,10 @@ class BridgeService:
         question = await self.incoming.prepare(message, text, user=user, app=app)
         if question.reply is not None:
             await streamer.finish(question.reply)
-            return "answered"
+            return ANSWERED
         show = streamer.set_text if self.bot.show_progress else None
         turn = AnswerTurn(app=app, session_key=key, user=user, show=show)
-        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        rich = self._rich(message, app)
         streamer.render_with(rich.view)
         try:
             with self.running.track(turn):  # what /stop finds
@@ -315,14 +491,14 @@ class BridgeService:
         text: str,
         mine: PendingForm | None,
         others: list[PendingForm],
-    ) -> str | None:
+    ) -> Done | None:
         """Answer the sender's pending form when the message is its answer; None when it is a new question."""
         if mine is None:
             for other in others if message.is_group else ():
                 if forms.choose_action(other.form.actions, text) is not None:
                     asker = other.asker_name or forms.UNNAMED_ASKER
                     await streamer.finish(forms.ONLY_ASKER.format(asker=asker, title=other.title))
-                    return "answered"
+                    return ANSWERED
             return None
         if mine.action_id and att.attachments_of(message):  # the file an answer waits for
             return await self._form_files(message, streamer, app, key, mine)
@@ -333,24 +509,24 @@ class BridgeService:
             return None
         if isinstance(reply, Invalid):
             await streamer.finish(forms.ANSWER_INVALID.format(reason=reply.reason, title=mine.title))
-            return "answered"
+            return ANSWERED
         return await self._answer_or_wait(message, streamer, app, key, mine, reply)
 
     async def _answer_or_wait(
         self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm,
         reply: Answer,
-    ) -> str:  # fmt: skip
+    ) -> Done:  # fmt: skip
         """Submit the answer, or keep it until the files its file fields wait for are sent."""
         if reply.awaiting:
             waiting = dataclasses.replace(pending, action_id=reply.action_id, inputs=dict(reply.inputs))
             self.forms.keep(app, message, waiting)
             await streamer.finish(forms.ANSWER_SEND_FILE.format(name=reply.awaiting[0].name, title=pending.title))
-            return "answered"
+            return ANSWERED
         return await self._answer_form(message, streamer, app, key, pending, reply.action_id, dict(reply.inputs))
 
     async def _form_files(
         self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm
-    ) -> str:
+    ) -> Done:
         """A picture or file sent for the first file field an answer waits for."""
         field = next(f for f in pending.form.fields if f.is_file and f.name not in pending.inputs)
         refused = next((a for a in att.attachments_of(message)
@@ -358,23 +534,23 @@ class BridgeService:
         if refused is not None:
             reply = forms.ANSWER_FILE_WRONG.format(name=field.name, kinds=forms.kinds_of(field), title=pending.title)
             await streamer.finish(reply)
-            return "answered"
+            return ANSWERED
         limit = 1 if field.type == "file" else field.max_files or 10
         uploaded = await self.incoming.upload_for_form(message, user=pending.dify_user, app=app, limit=limit)
         if isinstance(uploaded, str):
             await streamer.finish(forms.ANSWER_INVALID.format(reason=uploaded, title=pending.title))
-            return "answered"
+            return ANSWERED
         value: Any = uploaded[0] if field.type == "file" else uploaded
         reply = forms.answer(pending.form, pending.action_id, {**pending.inputs, field.name: value})
         if isinstance(reply, Invalid):  # (cannot be: the rest was checked when the action was chosen)
             await streamer.finish(forms.ANSWER_INVALID.format(reason=reply.reason, title=pending.title))
-            return "answered"
+            return ANSWERED
         return await self._answer_or_wait(message, streamer, app, key, pending, reply)
 
     async def _answer_form(
         self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm,
         action_id: str, inputs: dict[str, Any],
-    ) -> str:  # fmt: skip
+    ) -> Done:  # fmt: skip
         """Answer the form in Dify and stream what the run does next into this message's card."""
         submit_form = self.forms.submitter(app, pending, action_id, inputs)
 
@@ -386,7 +562,7 @@ class BridgeService:
         turn = AnswerTurn(app=app, session_key=key, user=pending.dify_user, show=show)
         if pending.conversation_id and self.store.get_conversation(key) != pending.conversation_id:
             turn.detached = True  # the session moved on (/new, a newer conversation): do not bring this one back
-        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        rich = self._rich(message, app)
         streamer.render_with(rich.view)
         resume = getattr(app.answers, "resume_with", None)
         try:
@@ -403,7 +579,7 @@ class BridgeService:
                     run_result = getattr(app.answers, "run_result", None)
                     if app.client.app_type != "workflow" or run_result is None:
                         await streamer.finish(forms.ANSWER_NOT_PASSED.format(title=pending.title))
-                        return "answered"
+                        return ANSWERED
                     stream = run_result(run_id=pending.workflow_run_id, task_id=pending.task_id,
                                         user=pending.dify_user)  # fmt: skip
                     transcript = await self._follow(stream, None, streamer, turn, rich)
@@ -411,13 +587,13 @@ class BridgeService:
         except FormAnswerRefused as refused:
             log.info("message %s: the form answer was refused (%s)", message.msg_id, refused.kind)
             await streamer.finish(self._refused_text(app, message, pending, refused))
-            return "answered"
+            return ANSWERED
         finally:
             await rich.aclose()
 
     def _refused_text(
         self, app: DifyApp, message: IncomingMessage, pending: PendingForm, refused: FormAnswerRefused
-    ) -> str:
+    ) -> Done:
         title = pending.title
         if refused.kind == "invalid":  # the form stays: the person may answer again
             return forms.ANSWER_REFUSED.format(title=title, reason=str(refused))
@@ -430,7 +606,7 @@ class BridgeService:
 
     async def _pause_card(
         self, message: IncomingMessage, streamer: CardStreamer, turn: AnswerTurn, transcript: Transcript, shown: str
-    ) -> str:
+    ) -> Done:
         """A run that waits for a form: the form in the card, kept for the person's answer."""
         form = transcript.forms[0] if transcript.forms else None
         if form is None:
@@ -452,18 +628,18 @@ class BridgeService:
                 log.info("message %s: run %s waits for form %s", message.msg_id, transcript.run_id, form.form_id)
                 text = forms.render_form(resolved, now)
         await streamer.finish(f"{shown.rstrip()}\n\n---\n{text}" if shown.strip() else text)
-        return "answered"
+        return ANSWERED
 
     async def _follow_run_of(
         self, message: IncomingMessage, streamer: CardStreamer, record: InFlight, app: DifyApp, key: str, user: str
-    ) -> str | None:
+    ) -> Done | None:
         """Finish an answer whose process died, from its Dify run; None when this Dify cannot follow it (the
         question is then asked again, as before 1.x)."""
         follow = getattr(app.answers, "follow_run", None)
         if follow is None:
             return None
         turn = AnswerTurn(app=app, session_key=key, user=user)  # no progress lines: the card keeps its text
-        rich = RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files)
+        rich = self._rich(message, app)
         streamer.render_with(rich.view)
         stream = follow(run_id=record.workflow_run_id, task_id=record.task_id, user=user)
         try:
@@ -490,7 +666,7 @@ class BridgeService:
         notes: list[str],
         *,
         hint: str | None = None,
-    ) -> str:
+    ) -> Done:
         """End the card the way the run ended: its answer, what was written with why it stopped, or the form it
         waits for. `hint`: a line after the answer (a form still waiting)."""
         ending = transcript.ending
@@ -499,12 +675,16 @@ class BridgeService:
             return await self._pause_card(message, streamer, turn, transcript, shown)
         if ending is Ending.CUT and not turn.stopped:
             await streamer.fail(_with_note(shown, DifyStreamCut.user_message))
-            return "failed"
+            return Done("failed")
         final = await self._final_text(turn, shown, ending) or EMPTY_ANSWER
         final = _with_notes(final, notes)
         await streamer.finish(f"{final}\n\n{hint}" if hint else final)
-        await rich.after_card(lambda note: self.replies.plain_reply(message, for_plain_reply(note)))
-        return "answered"
+        return Done("answered", tuple(rich.after_card()))
+
+    def _rich(self, message: IncomingMessage, app: DifyApp) -> RichAnswer:
+        """How one answer is shown: rendered, with Dify's images and files brought over (a few at a time)."""
+        return RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files,
+                          transfers=self.media_transfers)  # fmt: skip
 
     async def _final_text(self, turn: AnswerTurn, answer: str, ending: Ending) -> str:
         """The answer as the card ends with it: marked when stopped (by /stop, or in Dify by someone else),
@@ -556,7 +736,7 @@ class BridgeService:
 
         def remember_run(run_id: str, task_id: str) -> None:
             # a successor of this process follows the run instead of asking again (Dify ≥ 1.14)
-            self.store.begin_answer(dataclasses.replace(record, workflow_run_id=run_id, task_id=task_id))
+            self.ledger.save(dataclasses.replace(record, workflow_run_id=run_id, task_id=task_id))
 
         return await self._follow(stream, conversation_id, streamer, turn, rich, on_run=remember_run)
 
@@ -578,19 +758,31 @@ class BridgeService:
         remembered = conversation_id
         ttl = self.bot.conversation_ttl
         run_named = False
-        # the turn records the task id (/stop), shows progress until the text starts, and ends early when stopped
-        async for event in turn.events(stream):
-            if event.conversation_id and event.conversation_id != remembered and not turn.detached:
-                # remember at once: even if this answer fails later, the next message continues the conversation
-                self.store.set_conversation(key, event.conversation_id, ttl)
-                remembered = event.conversation_id
-            if on_run is not None and not run_named and event.workflow_run_id and event.task_id:
-                run_named = True
-                on_run(event.workflow_run_id, event.task_id)
-            if isinstance(event, MessageFile | MessageEnd | WorkflowFinished):
-                rich.see(event)  # images and files beside the text
-            if transcript.feed(event) and not quiet:
-                streamer.set_text(transcript.raw)
+        queue_shown = False  # the card says the answer waits for its turn (not the answer, nor a failure's)
+        try:
+            # the turn records the task id (/stop), shows progress until the text starts, ends early when stopped
+            async for event in turn.events(stream):
+                if event.conversation_id and event.conversation_id != remembered and not turn.detached:
+                    # remember at once: even if this answer fails later, the next message continues it
+                    self.store.set_conversation(key, event.conversation_id, ttl)
+                    remembered = event.conversation_id
+                if on_run is not None and not run_named and event.workflow_run_id and event.task_id:
+                    run_named = True
+                    on_run(event.workflow_run_id, event.task_id)
+                if isinstance(event, Queued):
+                    # the card shows the place when it changes; the streamer paces the updates like any text
+                    streamer.set_text(QUEUED.format(ahead=event.ahead))
+                    queue_shown = True
+                elif isinstance(event, Admitted):
+                    streamer.set_text(QUEUE_YOUR_TURN)
+                if isinstance(event, MessageFile | MessageEnd | WorkflowFinished):
+                    rich.see(event)  # images and files beside the text
+                if transcript.feed(event) and not quiet:
+                    streamer.set_text(transcript.raw)
+        except BaseException:
+            if queue_shown and not transcript.raw:
+                streamer.set_text("")  # a failure shows its note alone, not after a place in a queue
+            raise
         if remembered and not turn.detached:
             self.store.set_conversation(key, remembered, ttl)  # sliding expiry: every turn restarts the clock
         return transcript

@@ -76,6 +76,7 @@ class CardStreamer:
         self._refusals = 0  # consecutive rate-limit refusals of `_failed_call`
         self._retry_at: float | None = None
         self.closed = False
+        self._abandoned = False
         self.calls = 0  # card calls made for this answer (each attempt counts: DingTalk counts them too)
         self.updates_sent = 0
         self.delivered_by: str | None = None  # "card", "reply", or None (not delivered)
@@ -111,6 +112,14 @@ class CardStreamer:
             self._text = text
             self._reschedule()
 
+    def abandon(self) -> None:
+        """Never write this card again, not even to end it: another process takes the answer over (this one
+        lost its lease on the shared store). Whatever was asked of the scheduler is withdrawn."""
+        self.closed = True
+        self._abandoned = True
+        self._scheduler.cancel(self)
+        self._settle(False)
+
     async def finish(self, text: str) -> None:
         await self._end(text, error=False)
 
@@ -118,7 +127,7 @@ class CardStreamer:
         await self._end(text, error=True)
 
     async def _end(self, text: str, *, error: bool) -> None:
-        if self.closed:
+        if self.closed or self._abandoned:
             return
         self.closed = True
         self._text = text
@@ -130,6 +139,8 @@ class CardStreamer:
             if await asyncio.shield(self._final):
                 self.delivered_by = "card"
                 return
+            if self._abandoned:
+                return
         try:
             await self._plain_reply(text)
             self.delivered_by = "reply"
@@ -140,7 +151,7 @@ class CardStreamer:
     # --- turns -----------------------------------------------------------------------------------------
 
     def _next_call(self) -> _Call | None:
-        if not self._open_wanted or self._opened is False:
+        if not self._open_wanted or self._opened is False or self._abandoned:
             return None
         if self._opened is None:
             return _Call.OPEN

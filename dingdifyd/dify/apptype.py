@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 PROBE_USER = "dingdifyd-probe"
 ROUTE_MISMATCH_CODES = ("not_chat_app", "not_completion_app", "not_workflow_app", "app_unavailable")
-START_CHECK_TIMEOUT = 15.0  # a Dify slow to answer delays the bot's start no longer than this
+START_CHECK_TIMEOUT = 15.0  # a Dify slow to answer delays the bot's start no longer than this (all its apps)
 CHAT_ROUTE_APP = "chat-route app (chatbot, agent or chatflow: this Dify does not say which)"
 
 
@@ -103,29 +103,40 @@ def refused_key_problem(where: str, exc: DifyAuthError) -> str:
 async def check_at_start(apps: Sequence[tuple[str, DifyClient]], timeout: float = START_CHECK_TIMEOUT) -> None:
     """Before a bot takes messages: every key accepted and of the configured kind, `auto` resolved.
 
-    Raises ConfigError naming each key to fix (the bot process then exits 78). A Dify that cannot be reached is
-    not a reason to refuse to start: the check is logged and skipped, and `auto` is resolved on first use.
+    The apps are asked at the same time, under one deadline for all: a bot with several slow apps starts no
+    later than one slow app would make it. Raises ConfigError naming each key to fix (the bot process then
+    exits 78). A Dify that cannot be reached, or not in time, is not a reason to refuse to start: that app's
+    check is logged and skipped, and `auto` is resolved on first use.
     """
-    problems: list[str] = []
-    for where, client in apps:
-        configured = client.app_type
-        try:
-            async with asyncio.timeout(timeout):
-                report = await inspect_app(client, configured)
-        except DifyAuthError as exc:
-            problems.append(refused_key_problem(where, exc))
-            continue
-        except UnsupportedAppMode as exc:
-            problems.append(unsupported_mode_problem(where, exc))
-            continue
-        except (DifyError, TimeoutError) as exc:
-            reason = "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
-            log.warning("%s: the Dify app could not be checked at start (%s); going on", where, reason)
-            continue
-        if not report.matches:
-            problems.append(mismatch_problem(where, report))
-        elif configured == AUTO and report.actual is not None:
-            client.app_type = report.actual
-            log.info("%s: Dify app type %s (auto, %s)", where, report.actual, report.describe())
+    tasks = {asyncio.create_task(_check(where, client)): where for where, client in apps}
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+        log.warning("%s: the Dify app could not be checked at start (no answer in time); going on", tasks[task])
+    if pending:
+        await asyncio.wait(pending)
+    problems = [problem for task in tasks if task in done and (problem := task.result()) is not None]
     if problems:
         raise ConfigError(problems)
+
+
+async def _check(where: str, client: DifyClient) -> str | None:
+    """The configuration problem of one app, or None (also when Dify could not be asked: logged)."""
+    configured = client.app_type
+    try:
+        report = await inspect_app(client, configured)
+    except DifyAuthError as exc:
+        return refused_key_problem(where, exc)
+    except UnsupportedAppMode as exc:
+        return unsupported_mode_problem(where, exc)
+    except DifyError as exc:
+        log.warning("%s: the Dify app could not be checked at start (%s); going on", where, type(exc).__name__)
+        return None
+    if not report.matches:
+        return mismatch_problem(where, report)
+    if configured == AUTO and report.actual is not None:
+        client.app_type = report.actual
+        log.info("%s: Dify app type %s (auto, %s)", where, report.actual, report.describe())
+    return None

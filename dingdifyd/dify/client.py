@@ -21,7 +21,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import aiohttp
 
@@ -39,6 +39,7 @@ from dingdifyd.errors import (
     DifyUnavailable,
     UnsupportedAppMode,
 )
+from dingdifyd.origins import origin_of, origins_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ UNSUPPORTED_MODES = ("channel", "rag-pipeline")
 FINISHED_STATUSES = ("succeeded", "partial-succeeded")
 RUN_EVENTS_SINCE = (1, 14)  # the Dify version that serves GET /workflow/:run_id/events
 _RATE_LIMIT_CODES = ("too_many_requests", "rate_limit_error")
+MAX_FILE_REDIRECTS = 3
 _ROUTE_MISMATCH_CODES = ("not_chat_app", "not_completion_app", "not_workflow_app", "app_unavailable")
 
 
@@ -145,10 +147,14 @@ class DifyClient:
         session: aiohttp.ClientSession,
         timeouts: DifyTimeouts = DifyTimeouts(),
         input_variable: str | None = "query",
+        files_url: str | None = None,
     ):
         if app_type not in (*APP_TYPES, AUTO):
             raise ValueError(f"app_type must be one of {', '.join((*APP_TYPES, AUTO))}, not {app_type!r}")
         self.base_url = base_url.rstrip("/")
+        # where Dify serves its files: its own origin, and its FILES_URL host when that is another one.
+        # Nothing else is ever fetched, and no redirect leads elsewhere (a model writes the URLs).
+        self.file_origins = origins_of([self.base_url, files_url])
         self.app_type = app_type
         self.input_variable = input_variable or "query"  # the bridge may set the app's own (GET /parameters)
         self.timeouts = timeouts
@@ -363,24 +369,38 @@ class DifyClient:
     async def fetch_file(self, url: str, *, max_bytes: int = 20 * 1024 * 1024) -> tuple[bytes, str]:
         """A file Dify serves at an absolute URL (a signed `/files/...` link): its bytes and content type.
 
-        No API key is sent: the signature is the credential, and the URL may name another host (FILES_URL)."""
+        No API key is sent: the signature is the credential. Only URLs on `file_origins` are fetched, and
+        redirects are followed only within them (at most MAX_FILE_REDIRECTS)."""
         what = "GET a Dify file"
+        if origin_of(url) not in self.file_origins:
+            raise DifyError(f"{what}: not on Dify's origin", code="origin_refused")
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeouts.connect, sock_read=None
         )
-        data = bytearray()
-        async with (
-            self._io(what, self.timeouts.first_byte, waiting_for="file"),
-            self._session.get(url, timeout=timeout, raise_for_status=False) as response,
-        ):
-            if response.status != 200:
-                raise DifyError(f"{what}: HTTP {response.status}", status=response.status)
-            content_type = response.headers.get("Content-Type", "")
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                data += chunk
-                if len(data) > max_bytes:
-                    raise DifyError(f"{what}: larger than {max_bytes} bytes", code="file_too_large")
-        return bytes(data), content_type
+        chunks: list[bytes] = []
+        size = 0
+        async with self._io(what, self.timeouts.first_byte, waiting_for="file"):
+            for _ in range(MAX_FILE_REDIRECTS + 1):
+                async with self._session.get(
+                    url, timeout=timeout, raise_for_status=False, allow_redirects=False
+                ) as response:
+                    if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
+                        url = urljoin(url, response.headers["Location"])
+                        if origin_of(url) not in self.file_origins:
+                            raise DifyError(f"{what}: a redirect to another origin refused", code="redirect_refused")
+                        continue
+                    if response.status != 200:
+                        raise DifyError(f"{what}: HTTP {response.status}", status=response.status)
+                    if (response.content_length or 0) > max_bytes:
+                        raise DifyError(f"{what}: larger than {max_bytes} bytes", code="file_too_large")
+                    content_type = response.headers.get("Content-Type", "")
+                    async for chunk in response.content.iter_chunked(64 * 1024):
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise DifyError(f"{what}: larger than {max_bytes} bytes", code="file_too_large")
+                    return b"".join(chunks), content_type
+        raise DifyError(f"{what}: more than {MAX_FILE_REDIRECTS} redirects", code="redirect_refused")
 
     # --- pure request building ----------------------------------------------------------------------------
 

@@ -221,3 +221,18 @@ def text_from_outputs(outputs: dict[str, Any]) -> str:
             return value
     strings = [v for v in outputs.values() if isinstance(v, str) and v]
     return "\n\n".join(strings)
+
+
+# --- not from Dify: what the protected answer source (dify/protected.py) adds to the stream -------------------
+
+
+@dataclass(frozen=True)
+class Queued(DifyEvent):
+    """The answer waits for its turn at Dify (dingdifyd's bound on answers in flight): `ahead` go first."""
+
+    ahead: int = 0
+
+
+@dataclass(frozen=True)
+class Admitted(DifyEvent):
+    """A queued answer's turn has come: Dify is asked now."""

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Protocol
 
 from dingdifyd.dingtalk.scheduler import NORMAL_PACING, Pacing
+from dingdifyd.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class ApiAccounting:
             return 0
         try:
             return int(self._store.counter(key))
+        except StoreUnavailable:
+            return 0  # the store said so once; the count starts from here
         except Exception:
             log.exception("reading the DingTalk call counter %s failed", key)
             return 0
@@ -130,6 +133,8 @@ class ApiAccounting:
         try:
             self.today = self._store.incr(f"dingtalk-calls/day/{self._day}", unsaved, DAY_KEY_TTL)
             self.month = self._store.incr(f"dingtalk-calls/month/{self._month}", unsaved, MONTH_KEY_TTL)
+        except StoreUnavailable:
+            self._unsaved += unsaved  # the store said so once; these calls are counted at a later flush
         except Exception:
             log.exception("counting DingTalk calls in the store failed")
 

@@ -28,7 +28,8 @@ import websockets
 import websockets.exceptions
 from dingtalk_stream.version import VERSION_STRING
 
-from dingdifyd.bridge.models import SINGLE_CHAT, IncomingMessage
+from dingdifyd.bridge.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
+from dingdifyd.bridge.recent import RecentIds
 from dingdifyd.config import Secret
 from dingdifyd.dingtalk.api import describe_transport_error
 from dingdifyd.dingtalk.ratelimit import ExponentialBackoff
@@ -138,13 +139,19 @@ def parse_incoming(data: Any, *, default_robot_code: str = "") -> IncomingMessag
     content: dict[str, Any] = dict(raw_content) if isinstance(raw_content, Mapping) else {}
     if "errorMessage" in data and "errorMessage" not in content:
         content["errorMessage"] = data["errorMessage"]
+    conversation_type = _as_str(data.get("conversationType"))
+    if conversation_type not in (SINGLE_CHAT, GROUP_CHAT):
+        # fail closed: as a 1:1 chat it would escape allow_groups / deny_groups
+        log.warning("message %s: conversationType %.20r is neither 1 (1:1) nor 2 (group); handled as a group",
+                    msg_id, conversation_type)  # fmt: skip
+        conversation_type = GROUP_CHAT
     return IncomingMessage(
         robot_code=_as_str(data.get("robotCode")) or default_robot_code,
         msg_id=msg_id,
         msg_type=msg_type,
         text=_text_of(msg_type, data, content),
         conversation_id=_as_str(data.get("conversationId")),
-        conversation_type=_as_str(data.get("conversationType")) or SINGLE_CHAT,
+        conversation_type=conversation_type,
         sender_id=_as_str(data.get("senderId")),
         sender_staff_id=_as_str(data.get("senderStaffId")),
         sender_nick=_as_str(data.get("senderNick")),
@@ -185,11 +192,15 @@ def _frame_problem(frame: Any) -> str | None:
 # --- the SDK glue -----------------------------------------------------------------------------------------
 
 
+_NO_ACK = -1  # what `process` returns for a frame that must not be ACKed
+
+
 class _ChatbotCallbackHandler(dingtalk_stream.CallbackHandler):
     """Hands each robot message to the bridge and returns at once: the SDK ACKs only after `process()`, and
-    DingTalk redelivers what is not ACKed within about 60 s."""
+    DingTalk redelivers what is not ACKed within about 60 s. `on_message` returns False for a message the
+    bot could not take (its store cannot claim it): it is not ACKed, and DingTalk delivers it again."""
 
-    def __init__(self, on_message: Callable[[IncomingMessage], None], robot_code: str):
+    def __init__(self, on_message: Callable[[IncomingMessage], bool | None], robot_code: str):
         super().__init__()
         self.logger = _sdk_log
         self._on_message = on_message
@@ -203,16 +214,21 @@ class _ChatbotCallbackHandler(dingtalk_stream.CallbackHandler):
                 log.warning("robot message without msgId ignored (frame %s)", message_id)
             else:
                 log.debug("robot message %s (frame %s, %s)", message.msg_id, message_id, message.msg_type)
-                self._on_message(message)
+                if self._on_message(message) is False:
+                    return _NO_ACK, ""
         except Exception:
             # Raising here would mean no ACK and a redelivery of the same failure a minute later.
             log.exception("handling robot message of frame %s failed", message_id)
         return dingtalk_stream.AckMessage.STATUS_OK, "OK"
 
+    async def raw_process(self, callback_message: dingtalk_stream.CallbackMessage) -> Any:
+        ack = await super().raw_process(callback_message)
+        return None if ack.code == _NO_ACK else ack  # the SDK sends no frame for None
+
 
 class StreamConnection(dingtalk_stream.DingTalkStreamClient):
     """One app's Stream connection, kept up until cancelled or closed. `on_message` is called synchronously
-    from the frame's task and must only schedule work."""
+    from the frame's task, must only schedule work, and returns False for a frame not to be ACKed."""
 
     def __init__(
         self,
@@ -221,8 +237,9 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         client_secret: Secret,
         api_base: str,
         session: aiohttp.ClientSession,
-        on_message: Callable[[IncomingMessage], None],
+        on_message: Callable[[IncomingMessage], bool | None],
         on_state: Callable[[str], None] = lambda state: None,
+        on_failure: Callable[[str], None] = lambda reason: None,
         open_timeout: float = 10.0,
         reconnect_min_delay: float = 1.0,
         reconnect_max_delay: float = 60.0,
@@ -236,10 +253,12 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         self._open_url = api_base.rstrip("/") + "/v1.0/gateway/connections/open"
         self._session = session
         self._on_state = on_state
+        self._on_failure = on_failure  # why a connection attempt failed (no secret, no ticket in it)
         self._open_timeout = open_timeout
         self._backoff = ExponentialBackoff(base=reconnect_min_delay, cap=reconnect_max_delay)
         self._stable_after = stable_after
         self._frame_tasks: set[asyncio.Task[None]] = set()
+        self._malformed_seen = RecentIds(1000)  # malformed frames already logged
         self._disconnect_requested = False
         self._stopping = False
         self._wake = asyncio.Event()
@@ -294,9 +313,11 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
                 raise
             except (DingTalkError, OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
                 log.warning("DingTalk Stream connection of %s failed: %s", self.client_id, _describe(exc))
-            except Exception:
+                self._report_failure(_describe(exc))
+            except Exception as exc:
                 # Whatever went wrong, the robot must come back: log it loudly and retry after a pause.
                 log.exception("DingTalk Stream connection of %s failed unexpectedly", self.client_id)
+                self._report_failure(f"unexpected {type(exc).__name__}")
             if self._stopping:
                 break
             if reconnect_now:
@@ -397,7 +418,7 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
             return
         problem = _frame_problem(frame)
         if problem is not None:
-            log.warning("DingTalk Stream frame dropped: %s", problem)
+            self._drop_malformed(frame, problem)
             return
         headers = frame["headers"]
         log.debug("frame %s %s %s", frame.get("type"), headers.get("topic"), headers.get("messageId"))
@@ -409,6 +430,42 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         task = asyncio.get_running_loop().create_task(self.background_task(frame))
         self._frame_tasks.add(task)
         task.add_done_callback(self._frame_tasks.discard)
+
+    def _drop_malformed(self, frame: Any, problem: str) -> None:
+        """A frame the SDK cannot route is ACKed all the same when it names itself: unACKed, DingTalk would
+        deliver it again and again, each time to the same end. Logged once per frame."""
+        headers = frame.get("headers") if isinstance(frame, dict) else None
+        message_id = headers.get("messageId") if isinstance(headers, dict) else None
+        if not isinstance(message_id, str) or not message_id:
+            log.warning("DingTalk Stream frame dropped: %s (no messageId to ACK it by)", problem)
+            return
+        if self._malformed_seen.add(message_id):
+            log.warning("DingTalk Stream frame %s dropped: %s; ACKed so that it is not redelivered",
+                        message_id, problem)  # fmt: skip
+        else:
+            log.debug("DingTalk Stream frame %s dropped again: %s", message_id, problem)
+        ack = {
+            "code": dingtalk_stream.AckMessage.STATUS_OK,
+            "headers": {"contentType": "application/json", "messageId": message_id},
+            "message": "malformed frame dropped",
+            "data": json.dumps({"response": None}),
+        }
+        websocket = self.websocket
+        if websocket is not None:
+            task = asyncio.get_running_loop().create_task(self._send_quietly(websocket, json.dumps(ack)))
+            self._frame_tasks.add(task)
+            task.add_done_callback(self._frame_tasks.discard)
+
+    @staticmethod
+    async def _send_quietly(websocket: Any, text: str) -> None:
+        with contextlib.suppress(websockets.exceptions.WebSocketException, OSError):
+            await websocket.send(text)
+
+    def _report_failure(self, reason: str) -> None:
+        try:
+            self._on_failure(f"DingTalk Stream: {reason}")
+        except Exception:
+            log.exception("on_failure failed")
 
     def _notify_state(self, state: str) -> None:
         try:

@@ -14,6 +14,8 @@ state snapshot) and runs that go on after their client is gone, so that it can b
 `FakeDify` is both the server and the controller that tests use: it registers apps by API key, changes how
 they answer (pacing, scripted text, failures, stalls, cuts, moderation, tool files, concurrency limit), for
 an app or for its next request only, and records every request, stop, upload, conversation and workflow run.
+It can also model a stock Dify's bounded database pool (`db_pool`), whose exhaustion makes requests hang and
+then fail with a 500, as bursts do to a real one.
 """
 
 from __future__ import annotations
@@ -409,7 +411,18 @@ class FakeDify:
         ping_interval: float = 10.0,
         info_with_mode: bool = False,
         conversation_error_suffix: bool = False,
+        db_pool: int | None = None,
+        db_pool_timeout: float = 30.0,
+        db_generator_delay: float = 0.2,
     ):
+        """`db_pool`: model a stock Dify's database pool (SQLALCHEMY_POOL_SIZE 30 + SQLALCHEMY_MAX_OVERFLOW 10
+        = 40 connections; None: unbounded). Every API request holds a connection while it runs, and a
+        generation a second one for its stream, taken after the first (the request's session, then the app
+        generator's). A request that waits `db_pool_timeout` seconds (SQLALCHEMY_POOL_TIMEOUT, 30) for one
+        fails with a 500, as SQLAlchemy's "QueuePool limit ... reached" does: so a burst that takes every
+        first connection leaves none for the streams, they all wait, and all fail, like the real one.
+        `db_generator_delay`: how long after its request the app generator opens its own session (its setup,
+        while the request's greenlet keeps its connection)."""
         self.version = check_version(version)  # of apps added without one, and of answers to unknown keys
         self.ping_interval = ping_interval
         # a 0.15.3 fake with one 1.x trait each (1.16.1 apps have both anyway)
@@ -426,6 +439,19 @@ class FakeDify:
         self.tool_files: dict[str, bytes] = {}
         self.output_files: dict[str, dict[str, Any]] = {}  # api key -> file outputs of its workflow runs
         self.first_text_at: dict[str, float] = {}  # user -> when the first answer text of theirs was written
+        self.file_delay = 0.0  # seconds each file download (/files/...) takes before its bytes
+        self.db_pool = db_pool
+        self.db_pool_timeout = db_pool_timeout
+        self.db_generator_delay = db_generator_delay
+        self._db: asyncio.Semaphore | None = None
+        self.db_in_use = 0
+        self.max_db_in_use = 0
+        self.db_pool_timeouts = 0  # requests that failed with 500 for want of a database connection
+        self.generations_in_flight = 0
+        self.max_generations_in_flight = 0  # the most answers streaming at the same time
+        self.files_served = 0
+        self.max_files_in_flight = 0  # the most file downloads served at the same time
+        self._files_in_flight = 0
         self._next: dict[str, deque[dict[str, Any]]] = {}
         self._running: dict[str, _Run] = {}
         self._paused: dict[str, _Run] = {}  # workflow run id -> its run, until a form answer resumes it
@@ -559,7 +585,8 @@ class FakeDify:
         await self.close()
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors_middleware], client_max_size=20 * 1024 * 1024)
+        app = web.Application(middlewares=[self._errors_middleware, self._db_middleware],
+                              client_max_size=20 * 1024 * 1024)  # fmt: skip
         app.on_response_prepare.append(self._add_headers)
         routes = [
             web.get("/v1/", self._root),
@@ -609,6 +636,35 @@ class FakeDify:
             message = "The method is not allowed for the requested URL."
             body = {"code": "method_not_allowed", "message": message, "status": 405}
             return self._dialect_of(request).restx_body(body, 405)
+
+    @web.middleware
+    async def _db_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Each API request holds a database connection while it runs (see `db_pool`)."""
+        if self.db_pool is None or not request.path.startswith("/v1/") or request.path == "/v1/":
+            return await handler(request)
+        await self._db_connect()
+        try:
+            return await handler(request)
+        finally:
+            self._db_release()
+
+    async def _db_connect(self) -> None:
+        if self._db is None:
+            self._db = asyncio.Semaphore(self.db_pool or 1)
+        try:
+            await asyncio.wait_for(self._db.acquire(), self.db_pool_timeout)
+        except TimeoutError:
+            self.db_pool_timeouts += 1
+            raise DifyHTTPError(500, "internal_server_error", INTERNAL_SERVER_ERROR) from None
+        self.db_in_use += 1
+        self.max_db_in_use = max(self.max_db_in_use, self.db_in_use)
+
+    def _db_release(self) -> None:
+        assert self._db is not None
+        self.db_in_use -= 1
+        self._db.release()
 
     def _dialect_of(self, request: web.Request) -> Dialect:
         dialect = request.get(DIALECT_KEY)
@@ -842,7 +898,15 @@ class FakeDify:
         if not request.query.get("sign"):
             raise DifyHTTPError(403, "forbidden", "Invalid request.")
         content_type = mimetypes.guess_type(request.match_info["name"])[0] or "application/octet-stream"
-        return web.Response(body=data, content_type=content_type)
+        self._files_in_flight += 1
+        self.max_files_in_flight = max(self.max_files_in_flight, self._files_in_flight)
+        try:
+            if self.file_delay:
+                await asyncio.sleep(self.file_delay)
+            self.files_served += 1
+            return web.Response(body=data, content_type=content_type)
+        finally:
+            self._files_in_flight -= 1
 
     async def _file_preview(self, request: web.Request) -> web.Response:
         uploaded = self.uploads.get(request.match_info["file_id"])
@@ -990,7 +1054,14 @@ class FakeDify:
             app.runs_started += 1
         if not streaming:
             return self._blocking(run)
-        return await self._stream(request, run)
+        if self.db_pool is None:
+            return await self._stream(request, run)
+        await asyncio.sleep(self.db_generator_delay)  # the generator's setup, this request's connection held
+        await self._db_connect()  # the app generator's own session, for the whole stream
+        try:
+            return await self._stream(request, run)
+        finally:
+            self._db_release()
 
     def _check_route(self, app: FakeApp, endpoint: str) -> None:
         if endpoint == "chat" and app.mode not in CHAT_MODES:
@@ -1254,6 +1325,8 @@ class FakeDify:
             await response.write(b"event: ping\n\n")
         writer.start_pings(self.ping_interval)
         self._running[run.task_id] = run
+        self.generations_in_flight += 1
+        self.max_generations_in_flight = max(self.max_generations_in_flight, self.generations_in_flight)
         emitters = {
             "chat": self._emit_chat,
             "agent-chat": self._emit_agent,
@@ -1282,6 +1355,7 @@ class FakeDify:
         finally:
             await writer.stop_pings()
             self._running.pop(run.task_id, None)
+            self.generations_in_flight -= 1
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response

@@ -541,6 +541,16 @@ class FakeDingTalk:
         self._deliver(pushed)
         return message_id
 
+    def push_frame(self, client_id: str, frame: dict[str, Any]) -> str:
+        """Send a frame exactly as given (a test's odd one) and redeliver it, like any frame, until it is
+        ACKed; returns its headers.messageId."""
+        app = self._app(client_id)
+        message_id = str(frame["headers"]["messageId"])
+        pushed = _Pushed(message_id, app.client_id, frame)
+        self._pushed[message_id] = pushed
+        self._deliver(pushed)
+        return message_id
+
     def push_raw(self, client_id: str, text: str) -> int:
         """Send `text` as-is to every connection of the app (malformed-frame tests); returns how many."""
         connections = self._live(client_id)

@@ -6,8 +6,9 @@ pipe and on the signal wakeup pipe, then, in this order: acts on signals, reads 
 exited children, fires due restarts / kills (per `state.BotLifecycle`), and updates systemd (STATUS, READY,
 WATCHDOG).
 
-READY=1 is sent once every bot is connected or FATAL: at start, and again after each SIGHUP reload (also a
-rejected one), so `systemctl reload` completes when the new configuration actually serves.
+READY=1 is sent once every bot is connected or FATAL, or the start window (`start_timeout`) is over: at start,
+and again after each SIGHUP reload (also a rejected one), so `systemctl reload` completes when the new
+configuration actually serves, and one bot that cannot connect never holds up the others.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import dingdifyd.config
-from dingdifyd.config import SECRET_KEYS, BotConfig, DaemonConfig
+from dingdifyd.config import BotConfig, DaemonConfig
 from dingdifyd.errors import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_USAGE, ConfigError
 from dingdifyd.logfields import event
 from dingdifyd.logsetup import register_secret, setup_logging
@@ -49,6 +50,7 @@ from dingdifyd.supervisor.state import (
     all_fatal,
     all_settled,
     healthy,
+    ready_due,
     status_text,
     summarize,
 )
@@ -78,14 +80,19 @@ class _Child:
 
 
 def _child_entry(
-    prepare: Callable[[BotConfig], None],
+    prepare: Callable[[BotConfig], BotConfig],
     target: ChildTarget,
     bot: BotConfig,
     daemon: DaemonConfig,
     conn: Connection,
 ) -> None:
-    """The first code a forked child runs: shed the supervisor's state, then run the target."""
-    prepare(bot)
+    """The first code a forked child runs: shed the supervisor's state, load its own secrets, run the target."""
+    try:
+        bot = prepare(bot)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config: %s", problem)
+        raise SystemExit(EX_CONFIG) from None
     try:
         target(bot, daemon, conn)
     except SystemExit:
@@ -128,6 +135,7 @@ class Arbiter:
         self._signals: SignalQueue | None = None
         self._stopping = False
         self._ready_pending = True
+        self._ready_deadline = float("inf")  # READY=1 at the latest then, connected or not
         self._status_note = ""
         self._last_status: str | None = None
         self._watchdog_interval = watchdog_interval()
@@ -140,7 +148,7 @@ class Arbiter:
     def run(self) -> int:
         """Supervise until stopped. Returns the process exit code: 0, 64 (unknown --bot), 78 (config)."""
         try:
-            config = self._load_config(self._config_path)
+            config = self._load_sealed()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config: %s", problem)
@@ -151,6 +159,7 @@ class Arbiter:
             return EX_USAGE
         self._apply_daemon_config(config)
         self._configs = selected
+        self._ready_deadline = self._clock() + config.start_timeout
         try:
             self._endpoints = self._open_endpoints(config)
         except ConfigError as exc:
@@ -196,6 +205,11 @@ class Arbiter:
 
     # --- config --------------------------------------------------------------------------------------
 
+    def _load_sealed(self) -> DaemonConfig:
+        """The configuration, checked with every secret read, then kept with every secret sealed: each bot
+        process reads its own again after fork, so that none inherits another bot's (see config.Secret)."""
+        return dingdifyd.config.sealed(self._load_config(self._config_path))
+
     def _select(self, config: DaemonConfig) -> tuple[dict[str, BotConfig], list[str]]:
         bots = {bot.name: bot for bot in config.bots}
         if self._bot_names is None:
@@ -206,9 +220,6 @@ class Arbiter:
     def _apply_daemon_config(self, config: DaemonConfig) -> None:
         for warning in config.warnings:
             log.warning("config: %s", warning)
-        for bot in config.bots:
-            for key in SECRET_KEYS:
-                register_secret(getattr(bot, key))
         if self._log_setup is not None:
             self._log_setup(config.log_level, None)
         self._daemon = config
@@ -307,9 +318,11 @@ class Arbiter:
     def _reload(self) -> None:
         self._notifier.reloading()
         self._ready_pending = True
+        assert self._daemon is not None
+        self._ready_deadline = self._clock() + self._daemon.start_timeout
         log.info("SIGHUP received: reloading %s", self._config_path)
         try:
-            config = self._load_config(self._config_path)
+            config = self._load_sealed()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running configuration: %s", problem)
@@ -410,8 +423,9 @@ class Arbiter:
         log.info("%s: started (pid %s)", name, child.process.pid, extra=event("restarted" if restart else "started",
                                                                                bot=name))  # fmt: skip
 
-    def _prepare_child(self, bot: BotConfig) -> None:
-        """Runs in the forked child: drop everything of the supervisor's that it inherited."""
+    def _prepare_child(self, bot: BotConfig) -> BotConfig:
+        """Runs in the forked child: drop everything of the supervisor's that it inherited, and read this bot's
+        own secrets (the supervisor holds none: see _load_sealed). Returns the bot with them."""
         reset_in_child()
         self._endpoints.close_in_child()
         for child in self._children.values():
@@ -420,6 +434,10 @@ class Arbiter:
             os.environ.pop(variable, None)  # talking to systemd is the supervisor's job alone
         if self._log_setup is not None:
             self._log_setup(bot.log_level, bot.name)
+        bot = dingdifyd.config.unseal_bot(self._config_path, bot)
+        for secret in dingdifyd.config.bot_secrets(bot):
+            register_secret(secret)  # never in a log line of this process
+        return bot
 
     def _signal(self, name: str, signum: int) -> None:
         child = self._children.get(name)
@@ -464,6 +482,8 @@ class Arbiter:
                                 extra=event("disconnected", bot=name))  # fmt: skip
                 lifecycle.disconnected()
                 self._live.connected(name, False)
+            case ("problem", str(text)):
+                lifecycle.report_problem(text)
             case _:
                 log.warning("%s: unknown message from the bot process ignored", name)
 
@@ -485,6 +505,7 @@ class Arbiter:
             log.log(level, "%s: pid %s %s after %.1f s", name, pid, how, uptime, extra=event("exited", bot=name))
             self._live.exited(name, code)
             self._execute(name, lifecycle.exited(code))
+            lifecycle.problem = "configuration or credentials refused (exit 78)" if code == EX_CONFIG else how
             if lifecycle.phase is Phase.FATAL:
                 log.error(
                     "%s: configuration or credentials refused (exit %d); not restarting it until the "
@@ -524,6 +545,8 @@ class Arbiter:
         deadlines = [d for d in (lc.next_deadline() for lc in self._lifecycles.values()) if d is not None]
         if self._watchdog_interval is not None:
             deadlines.append(self._next_ping)
+        if self._ready_pending:
+            deadlines.append(self._ready_deadline)
         if not deadlines:
             return MAX_WAIT
         return max(0.0, min(MAX_WAIT, min(deadlines) - now))
@@ -538,10 +561,14 @@ class Arbiter:
             self._notifier.status(text)
             self._last_status = text
             log.debug("status: %s", text)
-        if self._ready_pending and not self._stopping and all_settled(wanted):
+        if self._ready_pending and not self._stopping and ready_due(wanted, now, self._ready_deadline):
             self._notifier.ready()
             self._ready_pending = False
-            log.info("ready: %s", text, extra=event("ready"))
+            if all_settled(wanted):
+                log.info("ready: %s", text, extra=event("ready"))
+            else:
+                log.warning("ready after the %.0f s start window, not every bot connected: %s",
+                            self._daemon.start_timeout if self._daemon else 0, text, extra=event("ready"))  # fmt: skip
         if self._watchdog_interval is not None and now >= self._next_ping:
             # Withheld while a child is silent: if replacing it does not bring it back, systemd's watchdog
             # restarts the whole service. A skipped slot is not retried early.

@@ -2,10 +2,9 @@
 
 Messages are small tuples on a one-way `multiprocessing` pipe: `("connected",)`, `("heartbeat", in_flight)`
 or `("heartbeat", in_flight, stats)` (a dict: counters such as `dingtalk_calls_month`, the live `status` and
-the `metrics` snapshot; see botstats.py),
-`("disconnected",)`. Any message proves the child's event loop runs; the supervisor replaces a child silent
-for `heartbeat_timeout`, so heartbeats must come from a coroutine on the bot's loop (`heartbeat_loop`), never
-from a thread.
+the `metrics` snapshot; see botstats.py), `("disconnected",)`, `("problem", text)` (why it is not connected).
+Any message proves the child's event loop runs; the supervisor replaces a child silent for `heartbeat_timeout`,
+so heartbeats must come from a coroutine on the bot's loop (`heartbeat_loop`), never from a thread.
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ from typing import Any
 from dingdifyd.supervisor import signals
 
 log = logging.getLogger(__name__)
+
+PROBLEM_MAX = 200  # characters of a "problem" message: a reason, not a log
 
 
 def child_bootstrap() -> None:
@@ -74,6 +75,10 @@ class ParentChannel:
 
     def disconnected(self) -> None:
         self._send(("disconnected",))
+
+    def problem(self, text: str) -> None:
+        """Why the bot is not connected (yet): shown in systemd's STATUS until it connects."""
+        self._send(("problem", text[:PROBLEM_MAX]))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -25,10 +25,10 @@ class Notifier:
         # read per message, as sdnotify reads it: a child that dropped the variable can never notify
         return bool(os.environ.get("NOTIFY_SOCKET"))
 
-    def send(self, *fields: str) -> None:
-        """Send `fields` (`KEY=value` each) in one datagram."""
+    def send(self, *fields: str) -> bool:
+        """Send `fields` (`KEY=value` each) in one datagram. True when it was sent (systemd may still drop it)."""
         if not self.enabled or not fields:
-            return
+            return False
         try:
             with warnings.catch_warnings():
                 # when connect() fails, sdnotify drops its socket unclosed: the ResourceWarning is its, not ours
@@ -36,13 +36,15 @@ class Notifier:
                 notifier = sdnotify.SystemdNotifier(debug=True)
         except (OSError, TypeError) as exc:
             log.debug("sd_notify: cannot reach the notify socket: %s", exc)
-            return
+            return False
         try:
             notifier.notify("\n".join(fields))
         except OSError as exc:
             log.debug("sd_notify: sending %s failed: %s", fields[0].split("=", 1)[0], exc)
+            return False
         finally:
             notifier.socket.close()
+        return True
 
     def ready(self) -> None:
         self.send("READY=1")

@@ -99,6 +99,7 @@ class BotLifecycle:
         self.dingtalk_calls_month = 0  # as last reported: kept across restarts (the child's store keeps it too)
         self.exit_code: int | None = None  # last exit: >= 0 a code, < 0 a signal, None: never ran / no start
         self.failures = 0  # unplanned ends since the process last ran stably
+        self.problem: str | None = None  # why it is not connected, as the process or its exit says
 
     # --- events from the process ---------------------------------------------------------------------
 
@@ -112,8 +113,14 @@ class BotLifecycle:
 
     def connected(self) -> None:
         self._seen()
+        self.problem = None
         if self.phase is Phase.STARTING:
             self.phase = Phase.RUNNING
+
+    def report_problem(self, text: str) -> None:
+        """The process says why it cannot connect (it goes on trying)."""
+        self._seen()
+        self.problem = text
 
     def heartbeat(self, in_flight: int, stats: dict[str, object] | None = None) -> None:
         self._seen()
@@ -258,6 +265,11 @@ class Summary:
     not_responding: int
     in_flight: int
     dingtalk_calls_month: int = 0
+    not_connected: tuple[tuple[str, str], ...] = ()  # (bot, why) of the bots that should and do not serve
+
+
+NOT_CONNECTED_SHOWN = 5  # bots named in STATUS; the rest are counted
+REASON_MAX = 80  # characters of each reason in STATUS
 
 
 def summarize(lifecycles: Iterable[BotLifecycle], now: float) -> Summary:
@@ -279,7 +291,19 @@ def summarize(lifecycles: Iterable[BotLifecycle], now: float) -> Summary:
         not_responding=sum(1 for lc in items if lc.stale(now)),
         in_flight=sum(lc.in_flight for lc in items),
         dingtalk_calls_month=sum(lc.dingtalk_calls_month for lc in items),
+        not_connected=tuple((lc.name, why) for lc in items if (why := _why_not_connected(lc, now)) is not None),
     )
+
+
+def _why_not_connected(lifecycle: BotLifecycle, now: float) -> str | None:
+    problem = lifecycle.problem
+    if lifecycle.phase is Phase.STARTING:
+        return "not responding" if lifecycle.stale(now) else problem or "connecting"
+    if lifecycle.phase is Phase.BACKOFF:
+        return f"restarting; {problem}" if problem else "restarting"
+    if lifecycle.phase is Phase.FATAL:
+        return problem or "failed"
+    return None
 
 
 def status_text(summary: Summary) -> str:
@@ -298,12 +322,27 @@ def status_text(summary: Summary) -> str:
     text = f"{', '.join(parts)}; {summary.in_flight} {noun} in flight"
     if summary.dingtalk_calls_month:
         text += f"; {summary.dingtalk_calls_month} DingTalk calls this month"
+    if summary.not_connected:
+        shown = [f"{name} ({_short(why)})" for name, why in summary.not_connected[:NOT_CONNECTED_SHOWN]]
+        more = len(summary.not_connected) - len(shown)
+        text += "; not connected: " + ", ".join(shown) + (f" and {more} more" if more > 0 else "")
     return text
 
 
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= REASON_MAX else text[: REASON_MAX - 1] + "…"
+
+
 def all_settled(lifecycles: Iterable[BotLifecycle]) -> bool:
-    """Every bot connected or given up on: the moment to tell systemd READY=1."""
+    """Every bot connected or given up on."""
     return all(lc.phase in (Phase.RUNNING, Phase.FATAL) for lc in lifecycles)
+
+
+def ready_due(lifecycles: Iterable[BotLifecycle], now: float, start_deadline: float) -> bool:
+    """The moment to tell systemd READY=1: every bot connected or given up on, or the start window over. A
+    bot that cannot reach its gateway must not hold up the others until systemd's start timeout kills all."""
+    return all_settled(lifecycles) or now >= start_deadline
 
 
 def all_fatal(lifecycles: Iterable[BotLifecycle]) -> bool:

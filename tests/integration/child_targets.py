@@ -7,6 +7,9 @@ so a test can tell a restart (new pid) from a survivor (same pid) and see who wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import json
 import os
 import signal
 import sys
@@ -14,7 +17,8 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from dingdifyd.config import BotConfig, DaemonConfig
+from dingdifyd import logsetup
+from dingdifyd.config import BotConfig, DaemonConfig, Secret
 from dingdifyd.errors import EX_CONFIG
 from dingdifyd.supervisor.child import ParentChannel, child_bootstrap, heartbeat_loop
 
@@ -30,9 +34,25 @@ def dispatch(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
     channel = ParentChannel(conn)
     if kind == "fatal":
         sys.exit(EX_CONFIG)
-    if kind not in ("steady", "hang", "stubborn"):
+    if kind == "secrets":
+        write_secrets_held(bot)
+        kind = "steady"
+    if kind not in ("steady", "hang", "stubborn", "offline"):
         raise ValueError(f"no test target for {bot.name}")
-    sys.exit(asyncio.run(serve(bot, channel, hang=kind == "hang", ignore_term=kind == "stubborn")))
+    sys.exit(asyncio.run(serve(bot, channel, hang=kind == "hang", ignore_term=kind == "stubborn",
+                               offline=kind == "offline")))  # fmt: skip
+
+
+def write_secrets_held(bot: BotConfig) -> None:
+    """Every secret value this process can reach: live Secret objects (its config, the supervisor's objects it
+    inherited by fork) and the log redaction's list."""
+    held: set[str] = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, Secret):
+            with contextlib.suppress(Exception):
+                held.add(obj.reveal())
+    held |= set(logsetup._secrets)
+    (Path(bot.state_dir) / f"{bot.name}.secrets").write_text(json.dumps(sorted(held)))
 
 
 def record(bot: BotConfig, what: str) -> None:
@@ -40,8 +60,12 @@ def record(bot: BotConfig, what: str) -> None:
         file.write(f"{os.getpid()}\n")
 
 
-async def serve(bot: BotConfig, channel: ParentChannel, *, hang: bool, ignore_term: bool) -> int:
-    """Connect and heartbeat until SIGTERM (or the supervisor is gone); `hang` blocks the loop after a while."""
+OFFLINE_PROBLEM = "DingTalk Stream: gateway open failed (ClientConnectorError)"
+
+
+async def serve(bot: BotConfig, channel: ParentChannel, *, hang: bool, ignore_term: bool, offline: bool = False) -> int:
+    """Connect and heartbeat until SIGTERM (or the supervisor is gone); `hang` blocks the loop after a while;
+    `offline` never connects, and says why (a gateway that cannot be reached)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -52,7 +76,10 @@ async def serve(bot: BotConfig, channel: ParentChannel, *, hang: bool, ignore_te
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     beats = asyncio.create_task(heartbeat_loop(channel, BEAT, lambda: IN_FLIGHT))
-    channel.connected()
+    if offline:
+        channel.problem(OFFLINE_PROBLEM)
+    else:
+        channel.connected()
     if hang:
         await asyncio.sleep(HANG_AFTER)
         while True:

@@ -21,7 +21,7 @@ from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator.dify_dialect import VERSIONS
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import CHATBOT_TOPIC, FakeCard, FakeDingTalk
-from tests.integration.harness import CLIENT_ID, dify_key, running_bot, write_config
+from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(90)
 WAIT = 20.0
@@ -96,6 +96,47 @@ async def test_odd_messages_are_answered_clearly_and_the_bot_goes_on(tmp_path, d
     assert any("no sender or conversation" in r.getMessage() for r in caplog.records)
     assert "x" * 100 not in caplog.text  # the refused text is not logged
     assert crashes(caplog) == []
+
+
+async def test_a_message_without_a_conversation_type_gets_the_group_rules(tmp_path, dify, caplog):
+    dingtalk = FakeDingTalk(ping_interval=None, redeliver_after=None)
+    dingtalk.register_app(CLIENT_ID, "secret-for-this-test")
+    async with dingtalk:
+        config = write_config(tmp_path / "c.yaml", dingtalk, dify, allow_groups=["cidTEAM=="],
+                              bots=[bot_entry(client_secret="secret-for-this-test")])  # fmt: skip
+        async with running_bot(config) as runtime:
+            data = dingtalk.make_text_message("let me in", group=True, conversation_id="cidOTHER==")
+            data.pop("conversationType")  # as if it were a 1:1 chat, which allow_groups does not restrict
+            dingtalk.push_message(CLIENT_ID, data)
+            (reply,) = await dingtalk.wait_webhook_replies(1, WAIT)
+            await dingtalk.wait_for(lambda: runtime.bridge.in_flight == 0, WAIT, "the refusal to be sent")
+    assert "not allowed" in json.dumps(reply.body)
+    assert dify.requests_to("/chat-messages") == []  # refused, as a message from a group not allowed
+    assert track_of(data) not in dingtalk.cards
+    assert any("conversationType" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_malformed_frame_is_acked_once_and_logged_once(tmp_path, dify, caplog):
+    caplog.set_level(logging.INFO)
+    dingtalk = FakeDingTalk(ping_interval=None, redeliver_after=0.3)  # DingTalk redelivers what is not ACKed
+    dingtalk.register_app(CLIENT_ID, "secret-for-this-test")
+    async with dingtalk:
+        config = write_config(tmp_path / "c.yaml", dingtalk, dify,
+                              bots=[bot_entry(client_secret="secret-for-this-test")])  # fmt: skip
+        async with running_bot(config):
+            frame = {"specVersion": "1.0", "type": "CALLBACK", "data": "{}",
+                     "headers": {"messageId": "malformed-1", "topic": CHATBOT_TOPIC, "time": "soon",
+                                 "contentType": "application/json"}}  # fmt: skip
+            dingtalk.push_frame(CLIENT_ID, frame)
+            ack = await dingtalk.wait_ack("malformed-1", WAIT)
+            assert ack.code == 200
+            dingtalk.redeliver("malformed-1")  # should DingTalk send it again anyway, it is ACKed again, quietly
+            await dingtalk.wait_for(lambda: len(dingtalk.acks_for("malformed-1")) >= 2, WAIT, "the second ACK")
+            card = await ask(dingtalk, dingtalk.make_text_message("still fine?"))
+    assert dingtalk.deliveries("malformed-1") == 2  # the ACK stopped DingTalk's own redelivery
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "malformed-1" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "still fine?" in card.final_content
 
 
 # --- malformed Stream frames ---------------------------------------------------------------------------------

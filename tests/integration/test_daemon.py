@@ -4,6 +4,7 @@ NOTIFY_SOCKET: what an operator sees when a bot process is killed or the service
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.fake_dingtalk import API_BATCH_SEND, FakeCard, FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, write_config
 
 pytestmark = pytest.mark.timeout(90)
@@ -73,7 +74,14 @@ async def dify() -> AsyncIterator[FakeDify]:
 
 @pytest.fixture
 async def daemon(tmp_path, dingtalk, dify) -> AsyncIterator[Daemon]:
-    config = write_config(tmp_path / "daemon.yaml", dingtalk, dify, stop_timeout=3, restart_delay_min=0.05)
+    async with running_daemon(tmp_path, dingtalk, dify) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(tmp_path: Path, dingtalk: FakeDingTalk, dify: FakeDify, **settings) -> AsyncIterator[Daemon]:
+    config = write_config(tmp_path / "daemon.yaml", dingtalk, dify, stop_timeout=3, restart_delay_min=0.05,
+                          **settings)  # fmt: skip
     notify = AsyncNotifySocket(tmp_path / "notify.sock")
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "NO_PROXY": "127.0.0.1,localhost"}
     process = await asyncio.create_subprocess_exec(
@@ -153,3 +161,24 @@ async def test_sigterm_with_answers_in_flight_ends_every_card_and_exits_0(daemon
         assert card.done, "a card was left typing"
         assert card.failed and "could not finish this answer" in card.final_content
         assert ANSWER_TAIL not in card.final_content  # cut, not completed
+
+
+async def test_a_bot_killed_after_delivering_its_answer_does_not_answer_again(tmp_path, dingtalk, dify):
+    """kill -9 between the card's final update and the end of the answer (here: while the image that follows
+    the card is being sent): the successor sends what was left, and neither asks Dify again nor repeats the
+    answer as a plain reply."""
+    dify.configure(dify_key("chatbot"), message_file=True)  # a tool image, sent after the card (below)
+    async with running_daemon(tmp_path, dingtalk, dify, image_delivery="message") as daemon:
+        dingtalk.fail_next(API_BATCH_SEND, delay=60)  # the send after the card hangs: the bot is killed then
+        _, track = push(dingtalk, "draw me a cat", sender_staff_id="u7")
+        card = await dingtalk.wait_card_final(track, timeout=WAIT)
+        await dingtalk.wait_for(lambda: dingtalk.calls[API_BATCH_SEND] >= 1, WAIT, "the send after the card")
+        (victim,) = daemon.children()
+        os.kill(victim, signal.SIGKILL)
+        await daemon.wait_children(exclude={victim})
+        (sent,) = await dingtalk.wait_for(lambda: dingtalk.sent_messages, WAIT, "the image, sent by the successor")
+    assert not card.failed and "draw me a cat" in card.final_content
+    assert len(dify.requests_to("/chat-messages")) == 1  # the successor did not ask Dify again
+    assert dingtalk.webhook_replies == []  # nor send the whole answer again as a reply
+    assert len([u for u in dingtalk.cards[track].timeline if u.is_finalize]) == 1
+    assert sent.body["msgKey"] == "sampleImageMsg"

@@ -124,6 +124,8 @@ async def test_call_counts_survive_a_restart(tmp_path, dingtalk, dify):
         assert runtime.accounting is not None
         assert runtime.accounting.month == first_run
         await ask(dingtalk, "after restart")
+        # the card is final as soon as DingTalk has the call; the bot counts it once the answer comes back
+        await dingtalk.wait_for(lambda: runtime.bridge.in_flight == 0, 10, "the answer to end")
         counted = runtime.accounting.stats()
     assert counted == {"dingtalk_calls_today": card_calls(dingtalk), "dingtalk_calls_month": card_calls(dingtalk)}
 

@@ -581,3 +581,48 @@ async def test_auto_app_type_is_resolved_from_the_server(
 async def test_auto_with_a_bad_key_is_an_auth_error(fake: FakeDify, session: aiohttp.ClientSession) -> None:
     with pytest.raises(DifyAuthError):
         await collect(client_for(fake, session, "auto", api_key="app-unknown"))
+
+
+# --- files Dify serves: its own origin only ------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def files_host(handler: Any) -> AsyncIterator[str]:
+    """A loopback host serving /files/...: its origin (http://127.0.0.1:port)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_file_redirect_to_another_origin_is_not_followed(session: aiohttp.ClientSession) -> None:
+    reached: list[str] = []
+
+    async def internal(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.Response(body=b"instance credentials", content_type="text/plain")
+
+    async with files_host(internal) as internal_origin:
+        async def dify_files(request: web.Request) -> web.Response:
+            if request.path == "/files/tools/same.png":
+                raise web.HTTPFound("/files/tools/moved.png")  # a redirect within Dify's origin is fine
+            if request.path == "/files/tools/moved.png":
+                return web.Response(body=b"png bytes", content_type="image/png")
+            raise web.HTTPFound(f"{internal_origin}/latest/meta-data")
+
+        async with files_host(dify_files) as dify_origin:
+            client = client_for(f"{dify_origin}/v1", session, "chatbot")
+            data, content_type = await client.fetch_file(f"{dify_origin}/files/tools/same.png?sign=1")
+            assert (data, content_type) == (b"png bytes", "image/png")
+            with pytest.raises(DifyError) as refused:
+                await client.fetch_file(f"{dify_origin}/files/tools/away.png?sign=1")
+            with pytest.raises(DifyError):
+                await client.fetch_file(f"{internal_origin}/files/tools/direct.png")  # not Dify's origin at all
+    assert reached == []  # the internal host was never asked
+    assert refused.value.code == "redirect_refused"

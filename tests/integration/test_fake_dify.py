@@ -3,6 +3,7 @@ nothing varies, the same event sequence and key order where ids and timings do."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -312,3 +313,38 @@ async def test_close_ends_a_running_stream_at_once(session: aiohttp.ClientSessio
             await anext(stream)
     finally:
         await stream.aclose()
+
+
+# --- a bounded database pool, as a stock Dify has ------------------------------------------------------------
+
+
+async def burst(fake: FakeDify, people: int) -> list[int]:
+    """`people` streaming questions at the same moment; the HTTP status each got."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def ask(index: int) -> int:
+            body = {"inputs": {}, "query": "hello", "user": f"u{index}", "response_mode": "streaming"}
+            headers = {"Authorization": f"Bearer {KEYS['chat']}"}
+            async with session.post(f"{fake.base_url}/chat-messages", json=body, headers=headers) as response:
+                await response.read()
+                return response.status
+
+        return list(await asyncio.gather(*(ask(i) for i in range(people))))
+
+
+async def test_an_exhausted_database_pool_hangs_then_fails_every_request_like_a_stock_dify():
+    async with running_fake_dify(db_pool=40, db_pool_timeout=1.0) as fake:
+        fake.add_app(KEYS["chat"], "chat", token_delay=0.05)
+        statuses = await burst(fake, 50)  # every request holds one connection and waits for a second one
+    # the first 40 took every connection and waited for their streams' in vain: a real Dify 0.15.3 answered
+    # 0 of 50 such people; here most fail too (those that came last may get through once the first have failed)
+    assert statuses.count(500) >= 30 and set(statuses) <= {200, 500}
+    assert fake.db_pool_timeouts >= 30
+    assert fake.max_db_in_use == 40
+
+
+async def test_a_burst_the_pool_can_take_is_answered():
+    async with running_fake_dify(db_pool=40, db_pool_timeout=5.0) as fake:
+        fake.add_app(KEYS["chat"], "chat", token_delay=0.01)
+        statuses = await burst(fake, 30)
+    assert statuses == [200] * 30 and fake.db_pool_timeouts == 0

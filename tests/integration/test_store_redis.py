@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dingdifyd.adoption import tend_shared_store
-from dingdifyd.errors import ConfigError
+from dingdifyd.errors import ConfigError, StoreUnavailable
 from dingdifyd.store import InFlight, open_store
 from tests.integration.redis_server import RedisServer, redis_server
 
@@ -83,6 +83,18 @@ async def test_conversations_are_shared_and_expire(redis_service):
     assert other_bot.get_conversation("same-key") is None
     for s in (host_a, host_b, other_bot):
         s.close()
+
+
+def test_a_conversation_kept_zero_minutes_is_not_kept(redis_service):
+    host = store(redis_service)
+    try:
+        host.set_conversation("helpdesk|single|u1", "conv-1", ttl=0)
+        assert host.get_conversation("helpdesk|single|u1") is None  # 0: a new conversation every message
+        host.set_conversation("helpdesk|single|u1", "conv-2", ttl=60)
+        host.set_conversation("helpdesk|single|u1", "conv-3", ttl=0)
+        assert host.get_conversation("helpdesk|single|u1") is None
+    finally:
+        host.close()
 
 
 async def test_a_live_hosts_answers_are_never_adopted_a_dead_ones_once(redis_service):
@@ -155,15 +167,21 @@ async def test_without_redis_the_bot_answers_degraded_and_recovers(redis_service
     host = store(redis_service, retry_after=0.1)
     host.set_conversation("s", "conv", ttl=60)
     redis_service.stop()
-    # unreachable: claims are granted (answer rather than stay silent), nothing is known, nothing breaks
-    assert host.claim_message("robot:during-outage") is True
+    # unreachable: what can degrade does (nothing is known, nothing breaks); what matters raises, so that the
+    # caller keeps it: the bridge grants such a claim (answering without shared state) and replays the record
+    assert host.grants_claims_when_unreachable
+    with pytest.raises(StoreUnavailable):
+        host.claim_message("robot:during-outage", record("robot:during-outage"))
     assert host.get_conversation("s") is None
-    host.begin_answer(record("robot:during-outage"))
+    with pytest.raises(StoreUnavailable):
+        host.begin_answer(record("robot:during-outage"))
+    with pytest.raises(StoreUnavailable):
+        host.end_answer("robot:during-outage")
     assert host.unfinished_answers() == []
     errors = [r for r in caplog.records if r.levelno == logging.ERROR and "without shared state" in r.getMessage()]
     assert len(errors) == 1  # said once per outage, not once per call
     redis_service.start()  # same port, empty (no persistence)
-    await eventually(lambda: host.claim_message("robot:after") is True and host.get_conversation("s") is None
+    await eventually(lambda: claims(host, "robot:after") and host.get_conversation("s") is None
                      and not host._down, what="the store to come back")  # fmt: skip
     assert any("reachable again" in r.getMessage() for r in caplog.records)
     host.set_conversation("s", "conv-2", ttl=60)
@@ -183,7 +201,8 @@ def test_a_redis_that_hangs_costs_one_timeout_not_one_per_call():
         port = black_hole.getsockname()[1]
         host = RedisStore(f"redis://127.0.0.1:{port}/0", "helpdesk", retry_after=300)  # its ping times out
         for _ in range(100):
-            assert host.claim_message("robot:m") is True
+            with pytest.raises(StoreUnavailable):
+                host.claim_message("robot:m")
             assert host.get_conversation("s") is None
         connections = 0
         with contextlib.suppress(BlockingIOError):
@@ -205,8 +224,30 @@ def test_a_refused_password_is_a_configuration_error_that_hides_it(tmp_path):
         good.close()
 
 
+def claims(host, key: str) -> bool:
+    """Whether `host` claimed `key` now (False while Redis cannot be reached)."""
+    try:
+        return host.claim_message(key)
+    except StoreUnavailable:
+        return False
+
+
 def store_for(url: str):
     from dingdifyd.store_redis import RedisStore
 
     return RedisStore(url, "helpdesk")
+
+
+def test_a_password_in_the_query_never_reaches_the_log(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="dingdifyd")
+    with redis_server(tmp_path, password="query-password-789") as server:
+        url = f"redis://127.0.0.1:{server.port}/0?password=query-password-789"
+        host = store_for(url)
+        try:
+            assert host.claim_message("robot:m")
+        finally:
+            host.close()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "store: redis://127.0.0.1" in logged  # the INFO line naming the store is there ...
+    assert "query-password-789" not in logged  # ... without the password
 

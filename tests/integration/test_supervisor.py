@@ -9,6 +9,7 @@ Every wait is bounded; nothing asserts how long something took.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ import yaml
 
 from dingdifyd.errors import EX_CONFIG, EX_USAGE
 from dingdifyd.supervisor.arbiter import Arbiter
-from tests.integration.child_targets import dispatch
+from tests.integration.child_targets import OFFLINE_PROBLEM, dispatch
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 15.0  # upper bound of any single wait; a passing run needs a small fraction of it
@@ -108,9 +109,9 @@ class Supervisor:
                 {
                     "name": name,
                     "dingtalk_app_client_id": client_ids.get(name, f"ding-{name}"),
-                    "dingtalk_app_client_secret": "client-secret-for-tests",
+                    "dingtalk_app_client_secret": f"client-secret-of-{name}",
                     "dify_app_type": "chatbot",
-                    "dify_app_api_key": "app-key-for-tests",
+                    "dify_app_api_key": f"app-key-of-{name}",
                 }
                 for name in bots
             ],
@@ -220,6 +221,33 @@ def test_ready_once_every_bot_connected_status_and_graceful_stop(supervisor: Sup
         assert not alive(pid)
     log = supervisor.log()
     assert "steady-a: started (pid" in log and "steady-b: started (pid" in log
+
+
+def test_a_bot_that_cannot_connect_does_not_hold_up_ready_and_status_says_why(supervisor: Supervisor) -> None:
+    supervisor.write_config(["steady-a", "offline-b"], start_timeout=1)
+    supervisor.start()
+    notify = supervisor.notify
+    ready = notify.wait_for("READY=1")  # the start window is used up: ready, with the healthy bot serving
+    statuses = [field for _, field in notify.fields("STATUS=", 0, ready + 1)]
+    assert "1/2 bots connected" in statuses[-1], statuses
+    assert f"not connected: offline-b ({OFFLINE_PROBLEM})" in statuses[-1], statuses
+    (healthy,) = supervisor.pids("steady-a")
+    (offline,) = supervisor.pids("offline-b")
+    assert alive(healthy) and alive(offline)  # nobody was restarted for it
+    supervisor.send(signal.SIGTERM)
+    assert supervisor.wait() == 0, supervisor.log()
+
+
+def test_a_bot_process_holds_its_own_secrets_and_no_other_bots(supervisor: Supervisor) -> None:
+    supervisor.write_config(["secrets-a", "secrets-b"])
+    supervisor.start()
+    supervisor.notify.wait_for("READY=1")  # each has written what it holds by the time it connects
+    for bot, other in (("secrets-a", "secrets-b"), ("secrets-b", "secrets-a")):
+        held = set(json.loads((supervisor.workdir / f"{bot}.secrets").read_text()))
+        assert {f"client-secret-of-{bot}", f"app-key-of-{bot}"} <= held  # its own, usable
+        assert not {f"client-secret-of-{other}", f"app-key-of-{other}"} & held, held  # nothing of the other's
+    supervisor.send(signal.SIGTERM)
+    assert supervisor.wait() == 0, supervisor.log()
 
 
 def test_killed_child_is_replaced_and_reconnects(supervisor: Supervisor) -> None:

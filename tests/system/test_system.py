@@ -419,7 +419,8 @@ def test_start_is_active_only_after_ready(container: Container) -> None:
               f"[Service]\nLoadCredential=helpdesk.dify_app_api_key:{CREDENTIAL}\n")  # fmt: skip
     box.run("systemctl", "daemon-reload")
     box.run("systemctl", "start", "--no-block", f"{UNIT}.service")
-    # No simulated DingTalk yet: the bot cannot connect, so no READY=1, so systemd must keep it "activating".
+    # No simulated DingTalk yet: the bot cannot connect, so no READY=1 within start_timeout (30 s), so systemd
+    # must keep it "activating" meanwhile.
     wait_until(lambda: record(box, "[helpdesk]"), 30, "the bot process to start")
     states = []
     for _ in range(10):

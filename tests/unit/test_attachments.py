@@ -168,15 +168,27 @@ BASE = "https://dify.example.com"
 @pytest.mark.parametrize(("url", "fetched"), [
     ("/files/tools/abc.png?timestamp=1&nonce=2&sign=3", f"{BASE}/files/tools/abc.png?timestamp=1&nonce=2&sign=3"),
     (f"{BASE}/files/tools/abc.png?sign=3", f"{BASE}/files/tools/abc.png?sign=3"),
-    ("https://files.example.net/files/tools/abc.png?sign=3", "https://files.example.net/files/tools/abc.png?sign=3"),
-    ("https://files.example.net/files/281356a8-e49b-47f3-afd1-0d38cd0ba0d2/file-preview?sign=x",
-     "https://files.example.net/files/281356a8-e49b-47f3-afd1-0d38cd0ba0d2/file-preview?sign=x"),
+    ("HTTPS://DIFY.example.com:443/files/tools/abc.png", "HTTPS://DIFY.example.com:443/files/tools/abc.png"),
+    # a Dify-looking path on any other origin is not Dify's: the daemon never fetches it (SSRF), DingTalk may
+    ("https://files.example.net/files/tools/abc.png?sign=3", None),
+    ("http://169.254.169.254/files/tools/a.png", None),
+    ("http://dify.example.com/files/tools/abc.png", None),  # another scheme is another origin
+    ("https://dify.example.com:8443/files/tools/abc.png", None),  # so is another port
+    ("https://dify.example.com.evil.net/files/tools/abc.png", None),
+    ("https://dify.example.com@169.254.169.254/files/tools/abc.png", None),
     ("https://upload.wikimedia.org/some.png", None),
     ("@lAabc", None),
     ("data:image/png;base64,iVBOR", None),
 ])
 def test_which_urls_are_dify_files(url: str, fetched: str | None):
     assert dify_file_url(url, BASE) == fetched
+
+
+def test_files_on_a_configured_files_host_are_fetched_too():
+    url = "https://files.example.net/files/tools/abc.png?sign=3"
+    assert dify_file_url(url, BASE, ["https://files.example.net"]) == url
+    other_port = "https://files.example.net:444/files/tools/abc.png"
+    assert dify_file_url(other_port, BASE, ["https://files.example.net"]) is None
 
 
 def test_file_names_come_from_the_url_or_the_content_type():

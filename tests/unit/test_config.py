@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -159,6 +160,15 @@ def test_state_directory_from_systemd(tmp_path):
     assert loaded.bots[0].state_dir == "/var/lib/dingdifyd/x"
 
 
+def test_without_home_state_goes_to_the_accounts_home_never_to_a_shared_place(tmp_path):
+    import pwd
+
+    loaded = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={})
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    assert loaded.bots[0].state_dir == os.path.join(home, ".local/state/dingdifyd")
+    assert not loaded.bots[0].state_dir.startswith("/tmp")
+
+
 def test_secret_repr_never_shows_the_value():
     secret = config.Secret("app-verysecret", "inline")
     assert "verysecret" not in repr(secret)
@@ -289,7 +299,7 @@ def test_long_answer_and_message_size_limits_have_defaults_and_are_checked(tmp_p
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, bad), environ={})
     problems = "\n".join(caught.value.problems)
-    assert "dify_total_timeout: 0 must be a number >= 1" in problems
+    assert "dify_total_timeout: 0 must be a number from 1 to 86400" in problems
     assert "bots[0].max_message_chars: 'lots' is not a number" in problems
 
 
@@ -316,4 +326,111 @@ def test_monthly_api_budget_is_optional_from_file_or_environment_and_checked(tmp
     assert bot.dingtalk_api_monthly_budget is None  # a bot may opt out of the file's budget
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, ORIGINAL_BOTS_YAML + "    dingtalk_api_monthly_budget: 0\n"), environ={})
-    assert "bots[0].dingtalk_api_monthly_budget: 0 must be a number >= 1" in caught.value.problems
+    assert "bots[0].dingtalk_api_monthly_budget: 0 must be a whole number from 1 to 1000000000" in caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("max_message_chars: .inf", "max_message_chars: inf must be a whole number from 1 to 1000000"),
+        ("dify_idle_timeout: .nan", "dify_idle_timeout: nan must be a number from 0.1 to 3600"),
+        ("card_update_min_chars: 1e400", "card_update_min_chars: '1e400' must be a whole number from 0 to 10000"),
+        ("dify_total_timeout: -5", "dify_total_timeout: -5 must be a number from 1 to 86400"),
+        ("dingtalk_timeout: 1.0e+30", "dingtalk_timeout: 1e+30 must be a number from 0.1 to 600"),
+        ("heartbeat_timeout: .inf", "heartbeat_timeout: inf must be a number from 1 to 3600"),
+        ("stop_timeout: -1", "stop_timeout: -1 must be a number from 0 to 3600"),
+        ("dify_conversation_remain_time: .inf", "dify_conversation_remain_time: inf must be a number from 0 to"),
+        ("max_message_chars: 2.5", "max_message_chars: 2.5 must be a whole number from 1 to 1000000"),
+        ("dingtalk_api_monthly_budget: .inf", "dingtalk_api_monthly_budget: inf must be a whole number from 1"),
+    ],
+)
+def test_every_number_has_a_range_and_nan_inf_and_huge_values_are_refused_by_key(tmp_path, line, expected):
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, line + "\n" + ORIGINAL_BOTS_YAML), environ={})
+    assert any(problem.startswith(expected) for problem in caught.value.problems), caught.value.problems
+
+
+def test_numbers_from_the_environment_are_range_checked_too(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={"DIFY_CONVERSATION_REMAIN_TIME": "nan"})
+    assert any(p.startswith("dify_conversation_remain_time: 'nan' must be") for p in caught.value.problems)
+
+
+def test_check_config_exits_78_naming_an_infinite_number(tmp_path):
+    result = _check_config(write(tmp_path, "max_message_chars: .inf\n" + ORIGINAL_BOTS_YAML))
+    assert result.returncode == 78, result.stderr
+    assert "max_message_chars: inf must be a whole number from 1 to 1000000" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_numeric_setting_has_a_range():
+    numeric = {
+        f.name
+        for cls in (config.BotConfig, config.DaemonConfig)
+        for f in dataclasses.fields(cls)
+        if str(f.type).replace(" | None", "") in ("float", "int")
+    }
+    numeric.discard("max_workers")  # accepted for compatibility and ignored: any value will do
+    assert numeric == set(config.NUMBER_RANGES)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pa55word@10.0.0.5:6379/2", "redis://:***@10.0.0.5:6379/2"),
+        ("redis://app:pa55word@10.0.0.5/0", "redis://app:***@10.0.0.5/0"),
+        ("unix:///run/redis/redis.sock?db=1&password=pa55word", "unix:///run/redis/redis.sock?db=1&password=***"),
+        ("redis://10.0.0.5:6379/0?password=pa55word", "redis://10.0.0.5:6379/0?password=***"),
+        ("rediss://10.0.0.5/0?ssl_password=pa55word&ssl_check_hostname=true",
+         "rediss://10.0.0.5/0?ssl_password=***&ssl_check_hostname=true"),
+        ("unix://app:pa55word@/run/redis.sock?db=0", "unix://app:***@/run/redis.sock?db=0"),
+        ("redis://:pa%2F55word@10.0.0.5/0", "redis://:***@10.0.0.5/0"),
+        ("redis://:pa55word@[::1", "redis://***"),  # unparsable: nothing of it is shown
+        ("redis://10.0.0.5:6379/0", "redis://10.0.0.5:6379/0"),
+    ],
+)
+def test_every_credential_form_redis_accepts_is_masked(url, shown):
+    assert config.redact_url(url) == shown
+    assert "pa55word" not in config.redact_url(url) and "pa%2F55word" not in config.redact_url(url)
+
+
+def test_check_config_hides_a_password_given_in_the_query(tmp_path):
+    pytest.importorskip("redis")
+    path = write(tmp_path, "store: unix:///run/redis/redis.sock?password=pa55word\n" + ORIGINAL_BOTS_YAML)
+    result = _check_config(path)
+    assert result.returncode == 0, result.stderr
+    assert "pa55word" not in result.stdout + result.stderr
+    assert "unix:///run/redis/redis.sock?password=***" in result.stdout
+
+
+def test_the_supervisor_keeps_sealed_secrets_and_a_bot_process_reads_only_its_own(tmp_path):
+    key_file = tmp_path / "b.key"
+    key_file.write_text("app-key-of-b\n")
+    text = ORIGINAL_BOTS_YAML + f"""  - name: b
+    dingtalk_app_client_id: dingb
+    dingtalk_app_client_secret: client-secret-of-b
+    dify_app_type: chatbot
+    dify_app_api_key_file: {key_file}
+"""
+    path = write(tmp_path, text)
+    loaded = config.load(path, environ={})
+    kept = config.sealed(loaded)
+    for bot, original in zip(kept.bots, loaded.bots, strict=True):
+        for secret in config.bot_secrets(bot):
+            assert secret.is_sealed
+            with pytest.raises(config.SealedSecretError):
+                secret.reveal()
+        assert bot == original  # compared by digest: a reload still sees whether a secret changed
+    key_file.chmod(0)  # b's file unreadable: a's process never tries to read it
+    key_file.unlink()
+    mine = config.unseal_bot(path, kept.bots[0], environ={})
+    assert mine.dingtalk_app_client_secret.reveal() == "s3cr3t-client-value"
+    assert mine.dify_app_api_key.reveal() == "app-0123456789abcdefghij"
+    assert mine == loaded.bots[0]
+
+
+def test_a_changed_secret_makes_the_sealed_configs_differ(tmp_path):
+    first = config.sealed(config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={}))
+    changed = ORIGINAL_BOTS_YAML.replace("s3cr3t-client-value", "another-client-value")
+    second = config.sealed(config.load(write(tmp_path, changed), environ={}))
+    assert first.bots[0] != second.bots[0]

@@ -161,3 +161,15 @@ def test_a_well_formed_frame_passes():
 ])
 def test_frames_the_sdk_would_choke_on_are_named(bad: Any, problem: str):
     assert _frame_problem(bad) == problem
+
+
+@pytest.mark.parametrize("kind", [None, "", "3", "group", 1.5])
+def test_a_missing_or_unknown_conversation_type_is_a_group_never_a_one_to_one(kind: Any):
+    data = copy.deepcopy(TEXT_SAMPLE)
+    if kind is None:
+        data.pop("conversationType")
+    else:
+        data["conversationType"] = kind
+    message = parse_incoming(data)
+    assert message is not None
+    assert message.is_group  # fail closed: the group rules (allow_groups, deny_groups) apply

@@ -11,6 +11,7 @@ from dingdifyd.bridge.markdown import (
     adapt_markdown,
     for_plain_reply,
     images_in,
+    neutralise_links,
     render_answer,
     replace_images,
     split_reasoning,
@@ -194,3 +195,43 @@ def test_streamed_token_by_token_the_reasoning_never_leaks_into_the_answer(show:
     assert render_answer(answer, style).endswith("The answer is 42.")
     if show == "hide":
         assert set(frames[:20]) <= {"", THINKING_PLACEHOLDER}
+
+
+@pytest.mark.parametrize(
+    ("written", "shown"),
+    [
+        ("[click](javascript:alert(1))", "click)"),  # the regex stops at the first ")": what is left is text
+        ("[click](JaVaScRiPt:alert%281%29)", "click"),
+        ("[click]( <javascript:alert(1)> )", "click> )"),
+        ("[click](java\tscript:x)", "[click] (java\tscript:x)"),  # a tab: no link to the patterns, still broken
+        ("[click](java%09script:x)", "click"),
+        ("[click](&#106;avascript:x)", "click"),
+        ("[page](data:text/html;base64,PHNjcmlwdD4=)", "page"),
+        ("![pic](data:image/svg+xml;base64,PHN2Zz4=)", "pic"),
+        ("![pic](vbscript:msgbox)", "pic"),
+        ("[send](dtmd://dingtalkclient/sendMessage?content=pay)", "send"),
+        ("[x](file:///etc/passwd)", "x"),
+        ("[x](javascript:a 'title')", "[x] (javascript:a 'title')"),
+        ("<javascript:alert(1)>", "javascript:alert(1)"),
+        ("[a][r]\n\n[r]: javascript:alert(1)", "[a][r]\n\n[r]: (link removed)"),
+    ],
+)
+def test_links_with_unsafe_schemes_are_neutralised(written, shown):
+    assert neutralise_links(written) == shown
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "[site](https://example.com/a?b=c)",
+        "[site](http://example.com)",
+        "![chart](@lADPDfmVgxyz)",  # a DingTalk media id
+        "[report](/files/tools/r.pdf?sign=abc)",  # relative: made absolute against Dify later
+        "<https://example.com>",
+        "`[code](javascript:ok)` is code",
+        "```\n[code](javascript:ok)\n```",
+        "a <T> in prose: and 2:30 pm",
+    ],
+)
+def test_safe_links_code_and_prose_are_kept(kept):
+    assert neutralise_links(kept) == kept

@@ -69,14 +69,25 @@ def test_without_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     notifier = Notifier()
     assert not notifier.enabled
+    assert notifier.send("READY=1") is False
     notifier.ready()
     notifier.reloading()
     notifier.stopping()
 
 
 def test_a_vanished_socket_is_not_an_error(systemd: socket.socket) -> None:
-    os.unlink(os.environ["NOTIFY_SOCKET"])
-    Notifier().watchdog()  # neither raises nor leaks a socket (filterwarnings=error would catch that)
+    path = os.environ["NOTIFY_SOCKET"]
+    os.unlink(path)
+    notifier = Notifier()
+    # neither raises nor leaks a socket (filterwarnings=error would catch that), and says it was not sent
+    assert notifier.send("WATCHDOG=1") is False
+    notifier.watchdog()
+    # systemd back (a new socket at the same path): the same notifier reaches it, nothing stale was kept
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as again:
+        again.bind(path)
+        again.settimeout(5.0)
+        assert notifier.send("WATCHDOG=1") is True
+        assert again.recv(100) == b"WATCHDOG=1"
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,20 @@ def test_template_unit_has_what_the_daemon_needs() -> None:
     assert "WatchdogSec" in unit
 
 
+def test_memory_is_bounded_and_no_core_is_dumped() -> None:
+    unit = service(TEMPLATE_UNIT)
+    [memory_max] = unit["MemoryMax"]
+    assert memory_max.endswith(("M", "G")) and float(memory_max[:-1]) > 0
+    assert unit["OOMPolicy"] == ["continue"]  # an OOM-killed bot process is the supervisor's to restart
+    assert unit["LimitCORE"] == ["0"]  # a core dump would hold secrets and message text
+
+
+def test_the_start_window_fits_the_start_timeout() -> None:
+    default_start = next(f.default for f in dataclasses.fields(config.DaemonConfig) if f.name == "start_timeout")
+    [timeout] = service(TEMPLATE_UNIT)["TimeoutStartSec"]
+    assert float(timeout.removesuffix("s")) >= default_start + 30  # READY=1 long before systemd gives up
+
+
 def test_stop_timeout_fits_the_drain_bound() -> None:
     default_stop = next(f.default for f in dataclasses.fields(config.DaemonConfig) if f.name == "stop_timeout")
     [timeout] = service(TEMPLATE_UNIT)["TimeoutStopSec"]

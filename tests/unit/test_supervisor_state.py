@@ -20,6 +20,7 @@ from dingdifyd.supervisor.state import (
     all_fatal,
     all_settled,
     healthy,
+    ready_due,
     status_text,
     summarize,
 )
@@ -260,9 +261,40 @@ def test_summary_and_status_line(clock: FakeClock) -> None:
     failed.exited(EX_CONFIG)
     summary = summarize([running, busy, backing_off, failed], clock())
     assert summary == Summary(
-        total=4, connected=2, starting=0, restarting=1, failed=1, stopping=0, not_responding=0, in_flight=4
+        total=4, connected=2, starting=0, restarting=1, failed=1, stopping=0, not_responding=0, in_flight=4,
+        not_connected=(("c", "restarting"), ("d", "failed")),
     )
-    assert status_text(summary) == ("2/4 bots connected, 0 starting, 1 restarting, 1 failed; 4 conversations in flight")
+    assert status_text(summary) == (
+        "2/4 bots connected, 0 starting, 1 restarting, 1 failed; 4 conversations in flight; "
+        "not connected: c (restarting), d (failed)"
+    )
+
+
+def test_status_says_why_a_bot_is_not_connected(clock: FakeClock) -> None:
+    offline = started(clock, "offline", heartbeat_timeout=5.0)
+    offline.report_problem("DingTalk Stream: gateway open failed (ClientConnectorError)")
+    crashing = started(clock, "crashing")
+    crashing.exited(1)
+    crashing.problem = "exited with code 1"
+    text = status_text(summarize([offline, crashing], clock()))
+    assert text.endswith(
+        "; not connected: offline (DingTalk Stream: gateway open failed (ClientConnectorError)), "
+        "crashing (restarting; exited with code 1)"
+    )
+    offline.connected()
+    assert "offline" not in status_text(summarize([offline, crashing], clock()))
+
+
+def test_ready_is_due_when_every_bot_settled_or_the_start_window_is_over(clock: FakeClock) -> None:
+    connected = started(clock, "a")
+    connected.connected()
+    offline = started(clock, "b")
+    deadline = clock() + 30.0
+    assert not ready_due([connected, offline], clock(), deadline)
+    clock.advance(30.0)
+    assert ready_due([connected, offline], clock(), deadline)  # one bot does not hold up the others
+    offline.connected()
+    assert ready_due([connected, offline], clock(), float("inf"))
 
 
 def test_status_line_names_silent_and_stopping_bots(clock: FakeClock) -> None:
@@ -274,4 +306,5 @@ def test_status_line_names_silent_and_stopping_bots(clock: FakeClock) -> None:
     text = status_text(summarize([silent, stopping], clock()))
     assert text == (
         "0/2 bots connected, 1 starting, 0 restarting, 0 failed, 1 stopping, 1 not responding; 1 conversation in flight"
+        "; not connected: a (not responding)"
     )
