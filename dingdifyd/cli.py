@@ -68,27 +68,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.config, quiet=args.quiet)
         if args.command == "run":
             from dingdifyd.supervisor import main as run_daemon
+            from dingdifyd.worker import run_bot
 
-            return run_daemon(args.config, args.bot)
+            return run_daemon(args.config, run_bot, args.bot)
         if args.command == "doctor":
-            from dingdifyd.doctor import run_doctor
+            from dingdifyd.commands.doctor import run_doctor
 
             return run_doctor(args.config, args.bot)
         if args.command == "chat":
-            from dingdifyd.chat import run_chat
+            from dingdifyd.commands.chat import run_chat
 
             return run_chat(args.config, args.bot, args.user)
         if args.command == "status":
-            from dingdifyd.status import run_status
+            from dingdifyd.commands.status import run_status
 
             return run_status(args.config, as_json=args.json)
         if args.command == "setup":
-            from dingdifyd.guided_setup import run_setup
+            from dingdifyd.commands.setup import run_setup
 
             return run_setup(args.name, config_dir=args.config_dir, api_base=args.dingtalk_api_base,
                              oapi_base=args.dingtalk_oapi_base, systemd_dir=args.systemd_dir)  # fmt: skip
         if args.command == "demo":
-            from dingdifyd.demo import run_demo
+            from dingdifyd.commands.demo import run_demo
 
             return run_demo(speed=args.speed, dify_version=args.dify_version)
     except ConfigError as exc:

@@ -188,7 +188,7 @@ class DaemonConfig:
     restart_delay_min: float = 1.0  # back-off before restarting a crashed bot process, doubling per crash
     restart_delay_max: float = 60.0
     metrics_listen: str | None = None  # HOST:PORT or unix:/PATH: the Prometheus endpoint; None: off
-    status_socket: str | None = None  # None: $RUNTIME_DIRECTORY/status.sock (runtime_paths.py); "off": none
+    status_socket: str | None = None  # None: $RUNTIME_DIRECTORY/status.sock (paths.py); "off": none
     start_timeout: float = 30.0  # READY=1 at the latest this long after the start (or a reload)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.config import BotConfig
+from dingdifyd.models import IncomingMessage
 
 
 def _ids(values: Iterable[str] | None) -> frozenset[str] | None:

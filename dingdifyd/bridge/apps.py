@@ -16,11 +16,11 @@ from typing import Any, Protocol
 
 from dingdifyd.bridge import session
 from dingdifyd.bridge.inputs import AppParameters, context_inputs, text_input_variable
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import AnswerSource
 from dingdifyd.config import BotConfig, RouteConfig
 from dingdifyd.errors import PeerError
-from dingdifyd.logsetup import register_secret
+from dingdifyd.logs.setup import register_secret
+from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
 

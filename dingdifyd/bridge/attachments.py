@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dingdifyd.bridge.models import IncomingMessage
+from dingdifyd.models import IncomingMessage
 
 # Dify 0.15's extension lists (api/constants/__init__.py); anything else is its "custom" type.
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "svg"})

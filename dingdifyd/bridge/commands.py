@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from dingdifyd.bridge.running import RunningAnswers
-from dingdifyd.store import Store
+from dingdifyd.store.base import Store
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from dingdifyd.bridge.forms import PendingForm
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.dify.forms import HumanInputForm, with_resolved
 from dingdifyd.errors import DifyAuthError, DifyError, FormAnswerRefused, PeerError
-from dingdifyd.store import Store
+from dingdifyd.models import IncomingMessage
+from dingdifyd.store.base import Store
 
 if TYPE_CHECKING:
     from dingdifyd.bridge.apps import DifyApp

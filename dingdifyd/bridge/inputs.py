@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dingdifyd.bridge.models import IncomingMessage
+from dingdifyd.models import IncomingMessage
 
 DEFAULT_TEXT_VARIABLE = "query"
 TEXT_KINDS = ("text-input", "paragraph")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from dingdifyd.bridge.models import IncomingMessage
+from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
 

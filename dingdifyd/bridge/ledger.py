@@ -14,7 +14,7 @@ import asyncio
 import logging
 
 from dingdifyd.errors import StoreUnavailable
-from dingdifyd.store import InFlight, Store
+from dingdifyd.store.base import InFlight, Store
 
 log = logging.getLogger(__name__)
 

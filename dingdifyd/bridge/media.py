@@ -26,9 +26,9 @@ from urllib.parse import unquote, urlsplit
 
 from dingdifyd.bridge import attachments as att
 from dingdifyd.bridge import markdown
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.errors import PeerError
+from dingdifyd.models import IncomingMessage
 from dingdifyd.origins import origin_of, origins_of
 
 log = logging.getLogger(__name__)

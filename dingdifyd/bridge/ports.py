@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.dify.events import DifyEvent
+from dingdifyd.models import IncomingMessage
 
 
 class CardSink(Protocol):

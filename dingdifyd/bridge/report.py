@@ -1,5 +1,5 @@
 """How one message's handling ended, as the bridge reports it (`BridgeService(on_answer=...)`): what the bot's
-status and metrics are made of (botstats.py)."""
+status and metrics are made of (worker/stats.py)."""
 
 from __future__ import annotations
 

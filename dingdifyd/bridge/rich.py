@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dingdifyd.bridge.markdown import AnswerStyle, neutralise_links, render_answer
 from dingdifyd.bridge.media import MediaTransfers, OutgoingMedia
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.config import BotConfig
 from dingdifyd.dify.events import DifyEvent, MessageEnd, MessageFile, WorkflowFinished
+from dingdifyd.models import IncomingMessage
 
 
 class RichAnswer:

@@ -21,7 +21,6 @@ from dingdifyd.bridge import attachments as att
 from dingdifyd.bridge import forms, intake, session
 from dingdifyd.bridge.access import AccessPolicy
 from dingdifyd.bridge.apps import AppRouter, DifyApp
-from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.commands import ChatCommands, parse_command
 from dingdifyd.bridge.failures import failure_note
 from dingdifyd.bridge.forms import Answer, Invalid, NotAnAnswer, PendingForm
@@ -29,7 +28,6 @@ from dingdifyd.bridge.human_input import FormDesk
 from dingdifyd.bridge.ledger import AnswerLedger
 from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.media import MediaTransfers, send_after_card
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
 from dingdifyd.bridge.progress import with_suggestions
 from dingdifyd.bridge.recent import RecentIds
@@ -41,7 +39,6 @@ from dingdifyd.bridge.transcript import Ending, Transcript
 from dingdifyd.bridge.uploads import IncomingFiles, Question
 from dingdifyd.config import BotConfig
 from dingdifyd.dify.events import Admitted, DifyEvent, MessageEnd, MessageFile, Queued, WorkflowFinished
-from dingdifyd.dingtalk.scheduler import CardScheduler
 from dingdifyd.errors import (
     ConversationNotFound,
     DifyStreamCut,
@@ -50,9 +47,12 @@ from dingdifyd.errors import (
     RunNotFollowable,
     StoreUnavailable,
 )
-from dingdifyd.logfields import event as log_event
-from dingdifyd.logfields import message_context
-from dingdifyd.store import InFlight, Store
+from dingdifyd.logs.fields import event as log_event
+from dingdifyd.logs.fields import message_context
+from dingdifyd.models import IncomingMessage
+from dingdifyd.pacing.coalesce import UpdatePolicy
+from dingdifyd.pacing.scheduler import CardScheduler
+from dingdifyd.store.base import InFlight, Store
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from dingdifyd.bridge.models import IncomingMessage
+from dingdifyd.models import IncomingMessage
 
 
 def message_key(message: IncomingMessage) -> str:

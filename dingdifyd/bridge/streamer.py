@@ -19,10 +19,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.ports import CardSink
-from dingdifyd.dingtalk.scheduler import CREATE, WRITE, CardScheduler, Priority, TurnOutcome
 from dingdifyd.errors import DingTalkRateLimited, DingTalkUnavailable, PeerError
+from dingdifyd.pacing.coalesce import UpdatePolicy
+from dingdifyd.pacing.scheduler import CREATE, WRITE, CardScheduler, Priority, TurnOutcome
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from dingdifyd.bridge import attachments as att
 from dingdifyd.bridge.apps import DifyApp
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.config import BotConfig
 from dingdifyd.errors import DifyAuthError, DifyError, DifyUnavailable, DingTalkError
+from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
 

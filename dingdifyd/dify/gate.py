@@ -1,5 +1,5 @@
 """The bound on answers in flight at one Dify, and the fair queue in front of it: the I/O around the pure
-parts (dify/fairqueue.py) and the slot table shared with the other processes (dify/slots.py).
+parts (pacing/fairqueue.py) and the slot table shared with the other processes (store/slots.py).
 
 One gate per Dify base URL per bot process. An answer enters with its person and gets a ticket; one
 dispatcher task gives the head of the queue a slot as soon as the table has one for this process (when an
@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dingdifyd.dify.fairqueue import FairQueue
-from dingdifyd.dify.slots import SLOT_LEASE, SlotTable
 from dingdifyd.errors import StoreUnavailable
+from dingdifyd.pacing.fairqueue import FairQueue
+from dingdifyd.store.slots import SLOT_LEASE, SlotTable
 
 log = logging.getLogger(__name__)
 

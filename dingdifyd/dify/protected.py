@@ -7,7 +7,7 @@ process of the host or, with Redis, of every host):
   no part of any Dify timeout: the answer's own stream, and its timeouts, start when it is admitted;
 - a failure before any part of the answer that another try may get past (5xx, refused or reset connections,
   an exhausted pool: dify/overload.py) is tried once more, after a short jittered pause, in the same slot;
-- a circuit breaker (dify/circuit.py): when most recent requests failed, answers fail at once with
+- a circuit breaker (pacing/circuit.py): when most recent requests failed, answers fail at once with
   DifyOverloaded (those waiting too) instead of each waiting out a timeout; after a cool-down one answer
   probes, and its success closes the circuit.
 """
@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dingdifyd.dify.circuit import CircuitBreaker, CircuitSettings, CircuitState
 from dingdifyd.dify.events import (
     Admitted,
     DifyEvent,
@@ -35,8 +34,9 @@ from dingdifyd.dify.events import (
 )
 from dingdifyd.dify.gate import POLL_EVERY, DifyGate
 from dingdifyd.dify.overload import is_overload, retry_delay, worth_retrying
-from dingdifyd.dify.slots import LocalSlots, SlotTable
 from dingdifyd.errors import DifyError, DifyOverloaded, DifyQueueFull
+from dingdifyd.pacing.circuit import CircuitBreaker, CircuitSettings, CircuitState
+from dingdifyd.store.slots import LocalSlots, SlotTable
 
 log = logging.getLogger(__name__)
 

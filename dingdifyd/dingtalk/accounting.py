@@ -17,8 +17,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
 
-from dingdifyd.dingtalk.scheduler import NORMAL_PACING, Pacing
 from dingdifyd.errors import StoreUnavailable
+from dingdifyd.pacing.scheduler import NORMAL_PACING, Pacing
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Every HTTP exchange goes through `_send`, which turns transport failures into the project's errors, and every
 OpenAPI call through `_request`, which adds the token, reports the call to `on_call` (the accounting of the
 monthly quota) and retries what DingTalk says is worth retrying (QPS refusals, 429, 5xx, one 401 with a fresh
-token). Card calls are paced by the caller: the app's card-call scheduler (dingtalk/scheduler.py) gives them
+token). Card calls are paced by the caller: the app's card-call scheduler (pacing/scheduler.py) gives them
 turns and passes `attempts=1` so that it does the retrying itself, with the newest text. Nothing here logs or
 raises text containing the client secret, a token or a session-webhook URL (its `session=` is a credential).
 """
@@ -21,10 +21,10 @@ from typing import Any
 
 import aiohttp
 
-from dingdifyd.bridge.models import GROUP_CHAT
 from dingdifyd.config import Secret
-from dingdifyd.dingtalk.ratelimit import ExponentialBackoff
 from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
+from dingdifyd.models import GROUP_CHAT
+from dingdifyd.pacing.bucket import ExponentialBackoff
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import logging
 
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.dingtalk.api import DingTalkApi
+from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
 

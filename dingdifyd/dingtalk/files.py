@@ -3,8 +3,8 @@ messages sent to the chat after the answer's card (protocols.md B.2, B.4)."""
 
 from __future__ import annotations
 
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.dingtalk.api import DingTalkApi
+from dingdifyd.models import IncomingMessage
 
 
 def _file_type(filename: str) -> str:

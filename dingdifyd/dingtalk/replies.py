@@ -12,11 +12,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.cards import AICard
 from dingdifyd.dingtalk.fallback import TEMPLATE_CODES, CauseLog, TemplateMemory
 from dingdifyd.errors import DingTalkError, DingTalkRateLimited, DingTalkUnavailable, PeerError
+from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
 

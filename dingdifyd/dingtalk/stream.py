@@ -28,12 +28,12 @@ import websockets
 import websockets.exceptions
 from dingtalk_stream.version import VERSION_STRING
 
-from dingdifyd.bridge.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
 from dingdifyd.bridge.recent import RecentIds
 from dingdifyd.config import Secret
 from dingdifyd.dingtalk.api import describe_transport_error
-from dingdifyd.dingtalk.ratelimit import ExponentialBackoff
 from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkUnavailable
+from dingdifyd.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
+from dingdifyd.pacing.bucket import ExponentialBackoff
 
 log = logging.getLogger(__name__)
 

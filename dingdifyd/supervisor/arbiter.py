@@ -30,10 +30,10 @@ from typing import Any
 import dingdifyd.config
 from dingdifyd.config import BotConfig, DaemonConfig
 from dingdifyd.errors import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_USAGE, ConfigError
-from dingdifyd.logfields import event
-from dingdifyd.logsetup import register_secret, setup_logging
-from dingdifyd.runtime_paths import served_status_socket
-from dingdifyd.supervisor.backoff import Backoff
+from dingdifyd.logs.fields import event
+from dingdifyd.logs.setup import register_secret, setup_logging
+from dingdifyd.pacing.backoff import Backoff
+from dingdifyd.paths import served_status_socket
 from dingdifyd.supervisor.endpoints import Endpoints, MetricsEndpoint, StatusEndpoint
 from dingdifyd.supervisor.live import LiveView
 from dingdifyd.supervisor.notify import Notifier, watchdog_interval

@@ -26,7 +26,7 @@ class BotRecord:
     pid: int | None = None
     starts: int = 0
     last_exit: dict[str, Any] | None = None  # {"code": int | None, "at": wall time}
-    report: dict[str, Any] = field(default_factory=dict)  # the bot process's own, latest (botstats.py)
+    report: dict[str, Any] = field(default_factory=dict)  # the bot process's own, latest (worker/stats.py)
     # from the process's own connected / disconnected messages, so a status asked before its next heartbeat
     # report already knows it
     connected_since: float | None = None

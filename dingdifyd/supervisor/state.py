@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dingdifyd.errors import EX_CONFIG
-from dingdifyd.supervisor.backoff import Backoff
+from dingdifyd.pacing.backoff import Backoff
 
 
 class Phase(enum.Enum):

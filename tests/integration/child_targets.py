@@ -17,10 +17,10 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from dingdifyd import logsetup
 from dingdifyd.config import BotConfig, DaemonConfig, Secret
 from dingdifyd.errors import EX_CONFIG
-from dingdifyd.supervisor.child import ParentChannel, child_bootstrap, heartbeat_loop
+from dingdifyd.logs import setup as logsetup
+from dingdifyd.worker.heartbeat import ParentChannel, child_bootstrap, heartbeat_loop
 
 BEAT = 0.1  # heartbeat interval; the tests use heartbeat_timeout 1 s
 HANG_AFTER = 0.3

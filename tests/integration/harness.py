@@ -12,7 +12,7 @@ from dingdifyd import config
 from dingdifyd.simulator import configfile
 from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
-from dingdifyd.worker import BotRuntime
+from dingdifyd.worker.runtime import BotRuntime
 
 CLIENT_ID = "dingbridgetest"
 CLIENT_SECRET = "dt-secret-NEVER-LOGGED-1234567890"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dingdifyd.logsetup import setup_logging
+from dingdifyd.logs.setup import setup_logging
 from dingdifyd.supervisor.arbiter import Arbiter
 from tests.integration.child_targets import dispatch
 

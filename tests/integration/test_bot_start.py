@@ -16,8 +16,8 @@ from aiohttp import web
 from dingdifyd import config
 from dingdifyd.errors import EX_OK
 from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.supervisor.child import ParentChannel
-from dingdifyd.worker import BotRuntime
+from dingdifyd.worker.heartbeat import ParentChannel
+from dingdifyd.worker.runtime import BotRuntime
 from tests.integration.harness import bot_entry, write_config
 
 pytestmark = pytest.mark.timeout(60)

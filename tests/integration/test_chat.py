@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dingdifyd.chat import PROMPT
+from dingdifyd.commands.chat import PROMPT
 from dingdifyd.simulator.dify_dialect import VERSIONS
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk

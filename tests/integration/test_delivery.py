@@ -22,7 +22,7 @@ from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator import fake_dingtalk as fd
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
-from dingdifyd.store import DiskStore
+from dingdifyd.store.disk import DiskStore
 from tests.integration.harness import CLIENT_ID, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(120)

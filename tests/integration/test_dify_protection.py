@@ -13,12 +13,12 @@ import pytest
 
 from dingdifyd.bridge.service import QUEUED
 from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dify.circuit import CircuitSettings, CircuitState
-from dingdifyd.dify.slots import SqliteSlots
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyOverloaded
+from dingdifyd.pacing.circuit import CircuitSettings, CircuitState
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.store.slots import SqliteSlots
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 from tests.integration.redis_server import redis_server
 
@@ -175,7 +175,7 @@ def test_slots_of_a_killed_process_are_freed_at_once(tmp_path):
 
 
 def test_hosts_on_one_redis_share_a_difys_slots_and_the_longest_waiting_goes_first(tmp_path):
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     with redis_server(tmp_path) as server:
         host_a, host_b = RedisStore(server.url, "helpdesk"), RedisStore(server.url, "hr")  # two bots, two hosts
@@ -198,7 +198,7 @@ def test_hosts_on_one_redis_share_a_difys_slots_and_the_longest_waiting_goes_fir
 
 
 def test_a_dead_hosts_slots_are_freed_when_their_lease_ends(tmp_path):
-    from dingdifyd.store_redis import RedisSlots, RedisStore
+    from dingdifyd.store.redis_store import RedisSlots, RedisStore
 
     with redis_server(tmp_path) as server:
         gone, alive = RedisStore(server.url, "helpdesk"), RedisStore(server.url, "helpdesk")

@@ -12,13 +12,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.config import Secret
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.cards import BUILTIN_TEMPLATE_ID, AICard
 from dingdifyd.dingtalk.stream import StreamConnection, parse_incoming
 from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
+from dingdifyd.models import IncomingMessage
 from dingdifyd.simulator import fake_dingtalk as fd
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
 

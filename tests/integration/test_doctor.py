@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dingdifyd import config
-from dingdifyd.doctor import doctor_main
+from dingdifyd.commands.doctor import doctor_main
 from dingdifyd.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk

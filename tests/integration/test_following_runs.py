@@ -19,7 +19,8 @@ from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyStreamCut, DifyTimeout
 from dingdifyd.simulator.fake_dify import FakeDify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
-from dingdifyd.store import DiskStore, InFlight
+from dingdifyd.store.base import InFlight
+from dingdifyd.store.disk import DiskStore
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)

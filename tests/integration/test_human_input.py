@@ -18,7 +18,7 @@ from dingdifyd.simulator.dify_dialect import DIFY_1_16
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.simulator.fake_hitl import HumanInputNode, action, file_input, paragraph, select
-from dingdifyd.store import DiskStore
+from dingdifyd.store.disk import DiskStore
 from tests.integration.harness import CLIENT_ID, bot_entry, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
-from dingdifyd.worker import BotRuntime
+from dingdifyd.worker.runtime import BotRuntime
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -101,7 +101,7 @@ async def test_a_consumer_that_takes_messages_and_does_not_acknowledge_them_is_n
     assert len(dify.requests_to("/chat-messages")) == 8
     assert stolen, "with this seed the stale consumer takes some messages"
     assert runtime.delivery_watch.late_deliveries >= 1
-    warnings = [r.getMessage() for r in caplog.records if r.name == "dingdifyd.delivery_watch"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dingdifyd.worker.delivery_watch"]
     assert any("another connection of the same app" in w for w in warnings)
 
 

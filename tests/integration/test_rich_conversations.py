@@ -17,7 +17,7 @@ from dingdifyd.errors import ConfigError
 from dingdifyd.simulator.dify_dialect import DIFY_0_15
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
-from dingdifyd.worker import BotRuntime
+from dingdifyd.worker.runtime import BotRuntime
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dingdifyd import config
-from dingdifyd.guided_setup import qr_text, setup_main
+from dingdifyd.commands.setup import qr_text, setup_main
 from dingdifyd.simulator.fake_dify import FakeDify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot

@@ -15,7 +15,7 @@ from dingdifyd.bridge.session import message_key, out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
-from dingdifyd.store import InFlight
+from dingdifyd.store.base import InFlight
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot, write_config
 from tests.integration.redis_server import RedisServer, redis_server
 
@@ -116,7 +116,7 @@ async def test_a_host_starting_next_to_a_live_one_leaves_its_answers_alone(tmp_p
 
 
 async def test_an_answer_left_by_a_crashed_host_is_finished_by_another(tmp_path, dingtalk, dify, redis_service):
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     data = dingtalk.make_text_message("asked just before host A crashed")
     message = parse_incoming(data)

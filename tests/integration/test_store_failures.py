@@ -26,7 +26,8 @@ from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import StoreUnavailable
 from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
-from dingdifyd.store import DiskStore, InFlight
+from dingdifyd.store.base import InFlight
+from dingdifyd.store.disk import DiskStore
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, echo, running_bot, write_config
 from tests.integration.redis_server import RedisServer, redis_server
 
@@ -96,7 +97,7 @@ async def test_a_locked_store_costs_no_message_and_tells_the_person_once(tmp_pat
     assert len(dify.requests_to("/chat-messages")) == 1
     assert CANNOT_TAKE_MESSAGES in str(notice.body)
     assert len(dingtalk.webhook_replies) == 1  # told once, however often DingTalk delivered it
-    store_errors = [r for r in caplog.records if r.name == "dingdifyd.store" and r.levelno >= logging.ERROR]
+    store_errors = [r for r in caplog.records if r.name == "dingdifyd.store.disk" and r.levelno >= logging.ERROR]
     assert len(store_errors) == 1 and "Timeout" in store_errors[0].getMessage()  # once per outage, with a cause
     assert any("works again" in r.getMessage() for r in caplog.records)
 
@@ -235,7 +236,7 @@ class RefusingProxy:
 
 
 async def test_an_answer_ended_during_a_redis_blip_is_ended_once_redis_answers(redis_service):
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     proxy = RefusingProxy(redis_service.port)
     await proxy.open()
@@ -265,7 +266,7 @@ async def test_an_answer_ended_during_a_redis_blip_is_ended_once_redis_answers(r
 async def test_a_host_that_cannot_renew_its_lease_hands_its_card_over_before_it_lapses(
     tmp_path, dify, redis_service, caplog
 ):
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     caplog.set_level(logging.INFO)
     proxy = RefusingProxy(redis_service.port)
@@ -300,7 +301,7 @@ async def test_a_host_that_cannot_renew_its_lease_hands_its_card_over_before_it_
 
 
 async def test_alone_on_redis_a_host_that_handed_its_answer_over_finishes_it_itself(tmp_path, dify, redis_service):
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     proxy = RefusingProxy(redis_service.port)
     await proxy.open()

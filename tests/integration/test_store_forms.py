@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dingdifyd.store import DiskStore, InFlight, Store
+from dingdifyd.store.base import InFlight, Store
+from dingdifyd.store.disk import DiskStore
 from tests.integration.redis_server import RedisServer, redis_server
 
 pytestmark = pytest.mark.timeout(30)
@@ -33,7 +34,7 @@ def open_(backend: tuple[str, object]) -> Store:
     if kind == "disk":
         assert isinstance(where, Path)
         return DiskStore(where)
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     assert isinstance(where, RedisServer)
     return RedisStore(where.url, "helpdesk")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dingdifyd.adoption import tend_shared_store
 from dingdifyd.errors import ConfigError, StoreUnavailable
-from dingdifyd.store import InFlight, open_store
+from dingdifyd.store import open_store
+from dingdifyd.store.base import InFlight
+from dingdifyd.worker.adoption import tend_shared_store
 from tests.integration.redis_server import RedisServer, redis_server
 
 pytestmark = pytest.mark.timeout(30)
@@ -28,7 +29,7 @@ def redis_service(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def store(server: RedisServer, bot: str = "helpdesk", **options):
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     return RedisStore(server.url, bot, **options)
 
@@ -191,7 +192,7 @@ async def test_without_redis_the_bot_answers_degraded_and_recovers(redis_service
 
 def test_a_redis_that_hangs_costs_one_timeout_not_one_per_call():
     pytest.importorskip("redis")
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     # a server that accepts connections and never answers: every call that reached it would hang 1 s
     with socket.socket() as black_hole:
@@ -233,7 +234,7 @@ def claims(host, key: str) -> bool:
 
 
 def store_for(url: str):
-    from dingdifyd.store_redis import RedisStore
+    from dingdifyd.store.redis_store import RedisStore
 
     return RedisStore(url, "helpdesk")
 

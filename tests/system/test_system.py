@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from dingdifyd.logfields import EVENTS
+from dingdifyd.logs.fields import EVENTS
 from tests.system import readme
 from tests.system.container import SYSTEM_PATH, Container, diagnostics, host_run, remove_tree, wait_until
 

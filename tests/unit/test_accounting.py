@@ -10,10 +10,10 @@ from datetime import datetime
 import pytest
 
 from dingdifyd.dingtalk.accounting import FLUSH_AT, ApiAccounting, budget_pacing
-from dingdifyd.store import DiskStore
-from dingdifyd.supervisor.backoff import Backoff
-from dingdifyd.supervisor.child import ParentChannel
+from dingdifyd.pacing.backoff import Backoff
+from dingdifyd.store.disk import DiskStore
 from dingdifyd.supervisor.state import BotLifecycle, status_text, summarize
+from dingdifyd.worker.heartbeat import ParentChannel
 
 # --- the arithmetic ----------------------------------------------------------------------------------------
 

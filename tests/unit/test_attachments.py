@@ -11,7 +11,7 @@ import pytest
 
 from dingdifyd.bridge import attachments as att
 from dingdifyd.bridge.media import dify_file_url, file_name_of, files_in_outputs
-from dingdifyd.bridge.models import IncomingMessage
+from dingdifyd.models import IncomingMessage
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "dify"
 CHAT_PARAMETERS = json.loads((FIXTURES / "49-parameters.json").read_text())  # images and documents, 3 files

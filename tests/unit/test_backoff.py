@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dingdifyd.supervisor.backoff import Backoff
+from dingdifyd.pacing.backoff import Backoff
 
 
 def no_jitter() -> float:

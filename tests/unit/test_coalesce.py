@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dingdifyd.bridge.coalesce import PATIENCE, UpdatePolicy
+from dingdifyd.pacing.coalesce import PATIENCE, UpdatePolicy
 
 POLICY = UpdatePolicy(interval=0.5, min_chars=8)
 

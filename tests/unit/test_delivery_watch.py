@@ -1,11 +1,11 @@
-"""The late-delivery warning (dingdifyd.delivery_watch), with a hand-driven clock."""
+"""The late-delivery warning (dingdifyd.worker.delivery_watch), with a hand-driven clock."""
 
 from __future__ import annotations
 
 import logging
 
-from dingdifyd.bridge.models import IncomingMessage
-from dingdifyd.delivery_watch import DeliveryWatch
+from dingdifyd.models import IncomingMessage
+from dingdifyd.worker.delivery_watch import DeliveryWatch
 
 
 class Clock:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from dingdifyd.dify.circuit import CircuitBreaker, CircuitSettings, CircuitState
-from dingdifyd.dify.fairqueue import FairQueue
 from dingdifyd.dify.overload import is_overload, retry_delay, worth_retrying
 from dingdifyd.errors import (
     ConversationNotFound,
@@ -17,6 +15,8 @@ from dingdifyd.errors import (
     DifyTotalTimeout,
     DifyUnavailable,
 )
+from dingdifyd.pacing.circuit import CircuitBreaker, CircuitSettings, CircuitState
+from dingdifyd.pacing.fairqueue import FairQueue
 
 # --- the fair queue ----------------------------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from dingdifyd.config import Secret
-from dingdifyd.journal import encode_entry, unit_identifier
-from dingdifyd.logfields import EVENTS, about_message, conversation_hash, event
-from dingdifyd.logsetup import register_secret, setup_logging
+from dingdifyd.logs.fields import EVENTS, about_message, conversation_hash, event
+from dingdifyd.logs.journal import encode_entry, unit_identifier
+from dingdifyd.logs.setup import register_secret, setup_logging
 from tests.unit.test_logsetup import journal_env, restore_logging  # noqa: F401  (a fixture used below)
 
 

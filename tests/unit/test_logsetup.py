@@ -10,7 +10,7 @@ from typing import TextIO
 import pytest
 
 from dingdifyd.config import Secret
-from dingdifyd.logsetup import NOISY_LOGGERS, register_secret, setup_logging
+from dingdifyd.logs.setup import NOISY_LOGGERS, register_secret, setup_logging
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 

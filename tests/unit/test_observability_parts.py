@@ -8,8 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from dingdifyd import config
 from dingdifyd.errors import ConfigError, DifyTimeout, DifyTotalTimeout, DingTalkError
 from dingdifyd.metrics import Recorder, call_result, dify_error_kind
-from dingdifyd.runtime_paths import instance_name, served_status_socket, status_socket_candidates
-from dingdifyd.supervisor.backoff import Backoff
+from dingdifyd.pacing.backoff import Backoff
+from dingdifyd.paths import instance_name, served_status_socket, status_socket_candidates
 from dingdifyd.supervisor.endpoints import parse_listen
 from dingdifyd.supervisor.exposition import BotMetrics, BotTotals, render
 from dingdifyd.supervisor.live import LiveView

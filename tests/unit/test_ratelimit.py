@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dingdifyd.dingtalk.ratelimit import ExponentialBackoff, TokenBucket
+from dingdifyd.pacing.bucket import ExponentialBackoff, TokenBucket
 
 
 class FakeClock:

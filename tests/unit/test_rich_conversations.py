@@ -12,13 +12,13 @@ from dingdifyd.bridge.access import AccessPolicy
 from dingdifyd.bridge.apps import ParametersCache
 from dingdifyd.bridge.commands import help_text, parse_command
 from dingdifyd.bridge.inputs import AppParameters, context_inputs, input_gaps, text_input_variable
-from dingdifyd.bridge.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
 from dingdifyd.bridge.progress import progress_line, with_suggestions
 from dingdifyd.bridge.running import STOPPED, stopped_text
 from dingdifyd.config import DIFY_CONTEXT_INPUTS
 from dingdifyd.dify.apptype import AppTypeReport
 from dingdifyd.dify.events import AgentThought, NodeStarted, TextDelta
 from dingdifyd.errors import DifyUnavailable
+from dingdifyd.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -6,7 +6,7 @@ from collections import deque
 
 import pytest
 
-from dingdifyd.dingtalk.scheduler import CREATE, WRITE, Priority, SchedulePolicy, TurnOutcome
+from dingdifyd.pacing.scheduler import CREATE, WRITE, Priority, SchedulePolicy, TurnOutcome
 
 
 class FakeClock:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dingdifyd.bridge import session
-from dingdifyd.bridge.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
+from dingdifyd.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
 
 DM = IncomingMessage(
     robot_code="dingbot", msg_id="msgA", msg_type="text", text="hi", conversation_id="cidDM",

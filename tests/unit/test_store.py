@@ -7,7 +7,7 @@ import os
 import pytest
 
 from dingdifyd.errors import ConfigError
-from dingdifyd.store import DiskStore
+from dingdifyd.store.disk import DiskStore
 
 
 def test_a_conversation_kept_zero_minutes_is_not_kept(tmp_path):

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from dingdifyd.bridge.coalesce import UpdatePolicy
 from dingdifyd.bridge.streamer import CardStreamer
-from dingdifyd.dingtalk.scheduler import CardScheduler, Pacing
 from dingdifyd.errors import DingTalkError, DingTalkRateLimited, DingTalkUnavailable
+from dingdifyd.pacing.coalesce import UpdatePolicy
+from dingdifyd.pacing.scheduler import CardScheduler, Pacing
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 import pytest
 
 from dingdifyd.supervisor import signals
-from dingdifyd.supervisor.child import ParentChannel, child_bootstrap, heartbeat_interval, heartbeat_loop
+from dingdifyd.worker.heartbeat import ParentChannel, child_bootstrap, heartbeat_interval, heartbeat_loop
 
 FORK = multiprocessing.get_context("fork")
 

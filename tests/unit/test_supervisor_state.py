@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from dingdifyd.errors import EX_CONFIG
-from dingdifyd.supervisor.backoff import Backoff
+from dingdifyd.pacing.backoff import Backoff
 from dingdifyd.supervisor.state import (
     BotLifecycle,
     Kill,

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from dingdifyd.bridge.report import AnswerReport
-from dingdifyd.logsetup import redact
+from dingdifyd.logs.setup import redact
 from dingdifyd.metrics import Recorder, call_result, dify_error_kind
 
 log = logging.getLogger(__name__)

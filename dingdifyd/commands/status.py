@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from dingdifyd.runtime_paths import (
+from dingdifyd.paths import (
     CONFIG_DIR,
     RUNTIME_ROOT,
     SOCKET_NAME,

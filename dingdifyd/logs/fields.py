@@ -2,7 +2,7 @@
 
 A log call names its event with `extra=event("answered", ...)`; the lines of one message's handling carry its
 id and conversation without saying so, from `about_message()`, a context variable that asyncio copies into the
-tasks of that answer. The journal handler (journal.py) turns these into `DINGDIFYD_*` fields and the event's
+tasks of that answer. The journal handler (logs/journal.py) turns these into `DINGDIFYD_*` fields and the event's
 `MESSAGE_ID`; the plain text handler ignores them, so a terminal shows the same lines as ever.
 
 `MESSAGE_ID`s are fixed for good: `journalctl MESSAGE_ID=...` queries and catalogs may rely on them.

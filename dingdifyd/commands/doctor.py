@@ -26,7 +26,6 @@ from typing import TextIO
 import aiohttp
 
 from dingdifyd import config as config_mod
-from dingdifyd.appsetup import key_path
 from dingdifyd.bridge.inputs import (
     TEXT_INPUT_APP_TYPES,
     TEXT_KINDS,
@@ -52,6 +51,7 @@ from dingdifyd.errors import (
     DingTalkUnavailable,
     UnsupportedAppMode,
 )
+from dingdifyd.worker.apps import key_path
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 DIFY_TIMEOUT_CAP = 15.0  # a check waits no longer than this for Dify

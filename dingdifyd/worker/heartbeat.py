@@ -2,7 +2,7 @@
 
 Messages are small tuples on a one-way `multiprocessing` pipe: `("connected",)`, `("heartbeat", in_flight)`
 or `("heartbeat", in_flight, stats)` (a dict: counters such as `dingtalk_calls_month`, the live `status` and
-the `metrics` snapshot; see botstats.py), `("disconnected",)`, `("problem", text)` (why it is not connected).
+the `metrics` snapshot; see worker/stats.py), `("disconnected",)`, `("problem", text)` (why it is not connected).
 Any message proves the child's event loop runs; the supervisor replaces a child silent for `heartbeat_timeout`,
 so heartbeats must come from a coroutine on the bot's loop (`heartbeat_loop`), never from a thread.
 """

@@ -10,7 +10,7 @@ Three tables, one protocol:
 - `SqliteSlots`: a small SQLite file in the state directory, shared by the bot processes of one host that use
   it (the bots of one config file, by default). Besides the lease, a slot of a process that no longer runs
   (its pid is gone) is freed at once.
-- `RedisSlots` (dingdifyd.store_redis): the same in Redis, shared by every host on that Redis.
+- `RedisSlots` (dingdifyd.store.redis_store): the same in Redis, shared by every host on that Redis.
 - `LocalSlots`: this process alone (no shared state; the terminal chat, and tests).
 
 A table that fails raises StoreUnavailable; the gate (dify/gate.py) then keeps the bound within its process.

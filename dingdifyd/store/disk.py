@@ -1,6 +1,6 @@
-"""Durable state of one bot: Dify conversation ids, message de-duplication, answers in flight.
+"""The `store: disk` backend: one bot's state (store/base.py) on disk.
 
-On disk with diskcache (SQLite, safe across processes), one directory per bot, opened in the bot's own process
+With diskcache (SQLite, safe across processes), one directory per bot, opened in the bot's own process
 after fork. Four kinds of record:
 - conversation: session key -> Dify conversation id, with a sliding expiry (`dify_conversation_remain_time`);
 - message claim: (robotCode, msgId) -> first seen; added atomically, so a redelivered message is recognised even
@@ -11,7 +11,7 @@ after fork. Four kinds of record:
   plain dict, until the time it may be forgotten (a while after the form expired).
 
 `store: redis://...` keeps the same records in Redis instead, shared by the daemons of several hosts
-(dingdifyd.store_redis); `open_store` picks the backend.
+(store/redis_store.py).
 """
 
 from __future__ import annotations
@@ -24,85 +24,24 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import diskcache
 
-from dingdifyd.dify.slots import SlotTable, SqliteSlots
 from dingdifyd.errors import ConfigError, StoreUnavailable
+from dingdifyd.store.base import MESSAGE_CLAIM_TTL, InFlight
+from dingdifyd.store.slots import SqliteSlots
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # SQLite's busy timeout: how long a call waits for a lock another process holds (it blocks the event loop
 # meanwhile, so it is short; a lock held longer is an outage, see DiskStore._io)
 SQLITE_TIMEOUT = 2.0
 _INFLIGHT_INDEX = ("inflight-index",)
 DIFY_SLOTS_FILE = "dify-slots.sqlite3"
-MESSAGE_CLAIM_TTL = 7 * 24 * 3600.0  # DingTalk redelivers within minutes; a week is generous and still bounded
-
-
-@dataclass(frozen=True)
-class InFlight:
-    """An answer that was started and not finished: enough to finish it after a crash, and no more."""
-
-    message_key: str
-    message: dict[str, Any]  # IncomingMessage fields
-    out_track_id: str
-    attempts: int
-    # the Dify run answering it, once its stream named it: a successor follows that run (Dify ≥ 1.14) instead of
-    # asking again. Defaults, so that records of older versions still load.
-    workflow_run_id: str = ""
-    task_id: str = ""
-    # the card (or the plain reply) shows the final answer: a successor must not ask Dify again, only send
-    final_delivered: bool = False
-    # what goes out after the card and has not yet: {"kind": "image" | "file", "target": media id or URL, "name"}
-    pending_sends: tuple[dict[str, str], ...] = ()
-
-
-class Store(Protocol):
-    # True when several processes, on several hosts, use the store at once (redis): each then holds a lease
-    # and adopts the answers of processes that are gone (dingdifyd.adoption). False: one process at a time.
-    shared: bool
-    # True: when the store cannot be reached, a message is answered all the same (without shared state; a
-    # redelivery could then be answered twice). False: it is not taken, and DingTalk delivers it again.
-    grants_claims_when_unreachable: bool
-
-    def claim_message(self, message_key: str, record: InFlight | None = None) -> bool:
-        """True the first time a message is seen (and, in the same transaction, `record` is kept as an answer
-        in flight), False for a redelivery. Raises StoreUnavailable when it cannot tell."""
-        ...
-
-    def get_conversation(self, session_key: str) -> str | None: ...
-    def set_conversation(self, session_key: str, conversation_id: str, ttl: float) -> None: ...
-    def forget_conversation(self, session_key: str) -> None: ...
-
-    def begin_answer(self, record: InFlight) -> None:
-        """Keep (or replace) an answer in flight. Raises StoreUnavailable."""
-        ...
-
-    def end_answer(self, message_key: str) -> None:
-        """Forget an answer in flight: it is finished. Raises StoreUnavailable."""
-        ...
-
-    def unfinished_answers(self) -> list[InFlight]: ...
-
-    def dify_slots(self) -> SlotTable:
-        """The table of answers in flight per Dify, shared with whoever shares this store's state."""
-        ...
-
-    def keep_alive(self) -> bool: ...
-    def peers(self) -> list[str]: ...
-    def incr(self, key: str, amount: int = 1, expire: float | None = None) -> int: ...
-    def counter(self, key: str) -> int: ...
-    def save_form(self, chat_key: str, person: str, record: dict[str, Any], forget_at: float) -> None: ...
-    def forms_in_chat(self, chat_key: str) -> dict[str, dict[str, Any]]: ...
-    def forget_form(self, chat_key: str, person: str) -> None: ...
-    def close(self) -> None: ...
 
 
 class DiskStore:
@@ -351,16 +290,3 @@ def _live_forms(value: Any, now: float) -> dict[str, tuple[float, dict[str, Any]
         for person, (forget_at, record) in value.items()
         if isinstance(record, dict) and forget_at > now
     }
-
-
-def open_store(url: str, state_dir: str, bot_name: str) -> Store:
-    if url == "disk":
-        return DiskStore(Path(state_dir) / bot_name)
-    if url.startswith(REDIS_SCHEMES):
-        try:
-            from dingdifyd.store_redis import RedisStore
-        except ImportError:
-            needs = "store: a redis:// store needs the redis package: pip install 'dingdifyd[redis]'"
-            raise ConfigError([needs]) from None
-        return RedisStore(url, bot_name)
-    raise ConfigError([f"store: {url.split(':', 1)[0]}:// stores are not available; use 'disk' or redis://"])

@@ -10,7 +10,7 @@ of the messages. What can be seen from here:
   A message written while we were connected and reaching us much later went somewhere else first: to a
   connection that did not acknowledge it (a stale or broken consumer), or DingTalk was slow, or this host's
   clock is off. That is logged as a warning (at most once per `warn_every`, with a count).
-- With a shared store, the other dingdifyd processes of the bot (dingdifyd.adoption logs them).
+- With a shared store, the other dingdifyd processes of the bot (dingdifyd.worker.adoption logs them).
 
 What cannot be seen: another program that acknowledges the messages it takes. Its share never reaches us,
 and DingTalk gives no sign of it. Hence the note at start: one consumer per app, or several dingdifyd that
@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from dingdifyd.bridge.models import IncomingMessage
+from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,12 @@ import segno
 import yaml
 
 from dingdifyd import config as config_mod
+from dingdifyd.commands.doctor import doctor_main
 from dingdifyd.config import DAEMON_GROUP, Secret
 from dingdifyd.dify.apptype import inspect_app
 from dingdifyd.dify.client import AUTO, DifyClient, DifyTimeouts
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.registration import WAIT_CAP, AppRegistration, RegistrationError
-from dingdifyd.doctor import doctor_main
 from dingdifyd.errors import DifyAuthError, DifyError, DingTalkAuthError, DingTalkError
 
 DEFAULT_DIFY_URL = "https://api.dify.ai/v1"

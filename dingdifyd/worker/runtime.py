@@ -10,21 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
 from collections.abc import Awaitable
-from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 import aiohttp
 
-from dingdifyd.adoption import tend_shared_store
-from dingdifyd.appsetup import bot_client, dify_session, key_path, start_apps
-from dingdifyd.botstats import BotStats, ErrorCountingStore, ProblemRecorder
-from dingdifyd.bridge.models import IncomingMessage
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.config import BotConfig, DaemonConfig
-from dingdifyd.delivery_watch import LATE_AFTER, DeliveryWatch
 from dingdifyd.dify.client import DifyClient
 from dingdifyd.dify.guarded import GuardedAnswers
 from dingdifyd.dify.protected import DifyProtections, ProtectedAnswers, ProtectionSettings
@@ -32,11 +24,17 @@ from dingdifyd.dingtalk.accounting import ApiAccounting
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.files import DingTalkFiles
 from dingdifyd.dingtalk.replies import DingTalkReplies
-from dingdifyd.dingtalk.scheduler import CardScheduler
 from dingdifyd.dingtalk.stream import StreamConnection
-from dingdifyd.errors import EX_CONFIG, EX_OK, ConfigError, DifyAuthError, DingTalkAuthError
-from dingdifyd.store import Store, open_store
-from dingdifyd.supervisor.child import ParentChannel, heartbeat_interval, heartbeat_loop
+from dingdifyd.errors import EX_CONFIG, EX_OK, DifyAuthError, DingTalkAuthError
+from dingdifyd.models import IncomingMessage
+from dingdifyd.pacing.scheduler import CardScheduler
+from dingdifyd.store import open_store
+from dingdifyd.store.base import Store
+from dingdifyd.worker.adoption import tend_shared_store
+from dingdifyd.worker.apps import bot_client, dify_session, key_path, start_apps
+from dingdifyd.worker.delivery_watch import LATE_AFTER, DeliveryWatch
+from dingdifyd.worker.heartbeat import ParentChannel, heartbeat_interval, heartbeat_loop
+from dingdifyd.worker.stats import BotStats, ErrorCountingStore
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +192,7 @@ class BotRuntime:
             store.close()
 
     def report(self) -> dict[str, Any]:
-        """What goes to the supervisor with each heartbeat: counts, live status, metrics (botstats.py)."""
+        """What goes to the supervisor with each heartbeat: counts, live status, metrics (worker/stats.py)."""
         accounting, scheduler = self.accounting, self.scheduler
         return self.stats.report(
             in_flight=self.bridge.in_flight if self.bridge is not None else 0,
@@ -257,29 +255,3 @@ async def _retry_recovery(bridge: BridgeService, every: float = RECOVERY_RETRY) 
         await asyncio.sleep(every)
         if bridge.retry_recovery():
             log.warning("resumed the answers an earlier process did not finish, now that the store works")
-
-
-def bot_process_main(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
-    """The child process. The supervisor has already reset inherited signal state and set up logging."""
-    channel = ParentChannel(conn)
-    stats = BotStats()
-    logging.getLogger().addHandler(ProblemRecorder(stats))  # the last error `dingdifyd status` shows
-    try:
-        code = asyncio.run(_run_with_signals(bot, daemon, channel, stats))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("config: %s", problem)
-        code = EX_CONFIG
-    # a last word before exiting: why (the supervisor shows it for a bot it gave up on), and the final counts
-    channel.heartbeat(0, stats.report())
-    sys.exit(code)
-
-
-async def _run_with_signals(bot: BotConfig, daemon: DaemonConfig, channel: ParentChannel, stats: BotStats) -> int:
-    runtime = BotRuntime(bot, daemon, channel, stats=stats)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, runtime.request_stop)
-    # SIGHUP is the supervisor's business; a bot process ignores it
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    return await runtime.run()

@@ -5,7 +5,7 @@ connections at random). With this store they share what must be shared:
 - message claims: `SET NX EX`, atomic in Redis, so a redelivery landing on any host is answered once;
 - conversations: the next message of a person continues their Dify conversation whichever host gets it;
 - answers in flight: each record names the process that owns it, and each process holds a lease (a key
-  with a TTL that it refreshes, see dingdifyd.adoption). Only the answers of a process whose lease has
+  with a TTL that it refreshes, see dingdifyd.worker.adoption). Only the answers of a process whose lease has
   expired (it crashed, or its host is gone) are adopted, each by exactly one other process (a compare-and-set
   in Lua). Host B therefore never resumes an answer host A is still streaming;
 - pending human-input forms: a hash per chat (person -> JSON with its own forget time), so a person's answer
@@ -40,10 +40,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from dingdifyd.config import redact_url, url_secrets
-from dingdifyd.dify.slots import SLOT_LEASE, WAITING_TTL
 from dingdifyd.errors import ConfigError, StoreUnavailable
-from dingdifyd.logsetup import register_secret
-from dingdifyd.store import MESSAGE_CLAIM_TTL, InFlight
+from dingdifyd.logs.setup import register_secret
+from dingdifyd.store.base import MESSAGE_CLAIM_TTL, InFlight
+from dingdifyd.store.slots import SLOT_LEASE, WAITING_TTL
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ if ttl < tonumber(ARGV[3]) then
 end
 return 1
 """
-# The Dify slot table (dify/slots.py) in Redis, shared by every host: a sorted set of slots scored by when
+# The Dify slot table (store/slots.py) in Redis, shared by every host: a sorted set of slots scored by when
 # their lease ends, and one of the processes waiting, scored by since when (with their own expiries). Redis's
 # clock decides the leases, so the hosts' clocks need not agree on them.
 _SLOT_PRELUDE = """
@@ -440,7 +440,7 @@ class RedisStore:
 
 
 class RedisSlots:
-    """dify/slots.py's SlotTable in Redis, through the store's choke point (StoreUnavailable when out of reach)."""
+    """store/slots.py's SlotTable in Redis, through the store's choke point (StoreUnavailable when out of reach)."""
 
     def __init__(self, store: RedisStore, *, lease: float = SLOT_LEASE, waiting_ttl: float = WAITING_TTL):
         self._store = store

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from dingdifyd.store import Store
+from dingdifyd.store.base import Store
 
 log = logging.getLogger(__name__)
 

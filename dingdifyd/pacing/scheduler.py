@@ -30,7 +30,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
-from dingdifyd.dingtalk.ratelimit import ExponentialBackoff, TokenBucket
+from dingdifyd.pacing.bucket import ExponentialBackoff, TokenBucket
 
 log = logging.getLogger(__name__)
 

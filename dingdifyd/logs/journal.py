@@ -8,7 +8,7 @@ for a value with a newline; an entry too large for a datagram goes in a sealed m
 
 Each entry has MESSAGE (the same text the stream lines have), PRIORITY, SYSLOG_IDENTIFIER, CODE_FILE/LINE/FUNC,
 LOGGER, DINGDIFYD_BOT (the bot process's own name, or the bot a supervisor line is about) and whatever
-logfields.py adds (DINGDIFYD_EVENT with its MESSAGE_ID, DINGDIFYD_MSG_ID, DINGDIFYD_CONVERSATION). When the
+logs/fields.py adds (DINGDIFYD_EVENT with its MESSAGE_ID, DINGDIFYD_MSG_ID, DINGDIFYD_CONVERSATION). When the
 journal cannot be reached the line goes to the fallback stream with its `<N>` prefix, so nothing is lost.
 """
 
@@ -25,7 +25,7 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
-from dingdifyd.logfields import fields_of
+from dingdifyd.logs.fields import fields_of
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 DEFAULT_IDENTIFIER = "dingdifyd"

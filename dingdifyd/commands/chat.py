@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import TextIO
 
 from dingdifyd import config as config_mod
-from dingdifyd.appsetup import bot_client, dify_session, start_apps
 from dingdifyd.bridge.commands import ChatCommands, parse_command
 from dingdifyd.bridge.markdown import for_plain_reply
-from dingdifyd.bridge.models import SINGLE_CHAT, IncomingMessage
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.dify.guarded import GuardedAnswers
-from dingdifyd.store import DiskStore
+from dingdifyd.models import SINGLE_CHAT, IncomingMessage
+from dingdifyd.store.disk import DiskStore
+from dingdifyd.worker.apps import bot_client, dify_session, start_apps
 
 log = logging.getLogger(__name__)
 PROMPT = "bot> "

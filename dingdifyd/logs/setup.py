@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import TextIO
 
 from dingdifyd.config import Secret
-from dingdifyd.journal import JOURNAL_SOCKET, JournalHandler, JournalSender, journal_available, syslog_priority
+from dingdifyd.logs.journal import JOURNAL_SOCKET, JournalHandler, JournalSender, journal_available, syslog_priority
 
 SUPERVISOR_TAG = "supervisor"
 REDACTED = "****"
@@ -141,7 +141,7 @@ def setup_logging(
     """Install the one root handler for this process, replacing any earlier one. Safe to call again.
 
     `bot` names the bot process (None: the supervisor). `journal` None detects it from `$JOURNAL_STREAM`.
-    Under the journal, entries go to `journal_socket` with structured fields (journal.py) when it exists, and
+    Under the journal, entries go to `journal_socket` with structured fields (logs/journal.py) when it exists, and
     to the stream with `<N>` prefixes otherwise (or when it is None).
     """
     stream = sys.stderr if stream is None else stream
