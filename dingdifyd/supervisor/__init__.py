@@ -4,7 +4,10 @@ No asyncio and no threads here: it forks. It never names what runs in a bot proc
 
 from __future__ import annotations
 
-from dingdifyd.supervisor.arbiter import ChildTarget
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dingdifyd.supervisor.arbiter import ChildTarget
 
 
 def main(config_path: str, target: ChildTarget, bot_names: list[str] | None = None) -> int:

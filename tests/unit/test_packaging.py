@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import setuptools
 
 from dingdifyd import __version__, config
 
@@ -152,3 +153,13 @@ def test_shell_scripts_parse(script: str) -> None:
     shell = "bash" if path.read_text(encoding="utf-8").startswith("#!/usr/bin/env bash") else "sh"
     result = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True, timeout=10)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_folder_of_the_package_is_a_package_the_wheel_takes() -> None:
+    """setup.cfg's `find:` takes only folders with an `__init__.py`: one without works in a checkout (a namespace
+    package) and is missing from the wheel, so from the .deb."""
+    package = REPO / "dingdifyd"
+    folders = {path.parent for path in package.rglob("*.py") if "__pycache__" not in path.parts}
+    assert [str(f.relative_to(REPO)) for f in sorted(folders) if not (f / "__init__.py").exists()] == []
+    found = set(setuptools.find_packages(str(REPO), include=["dingdifyd", "dingdifyd.*"]))
+    assert {".".join(f.relative_to(REPO).parts) for f in folders} <= found

@@ -1,0 +1,1 @@
+"""The terminal commands: doctor, chat, demo, status, setup (cli.py parses the arguments)."""

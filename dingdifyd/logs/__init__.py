@@ -1,0 +1,1 @@
+"""Logging: setup (journal-aware stderr), the journal's native protocol, structured fields."""
