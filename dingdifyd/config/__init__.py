@@ -2,7 +2,8 @@
 
 The file is the original dify-on-dingtalk `.bots.yaml` shape, extended: top-level keys are the old `.env`
 names in lower case and act as defaults for every bot, and a bot may override any of them. `load` reads and
-checks a file (every problem named by its key path), and `render_effective` is `check-config`'s output.
+checks a file (every problem named by its key path), `render_effective` is `check-config`'s output, and the
+README's configuration table and dingdifyd.yaml(5) are generated from the same table (docs.py).
 """
 
 from dingdifyd.config.loader import DAEMON_GROUP, bot_secrets, load, parse, sealed, unseal_bot

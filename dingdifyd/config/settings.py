@@ -3,10 +3,12 @@
 Each entry says what a key is called in the YAML file (dify-on-dingtalk's `.bots.yaml` and `.env` names, kept
 as they were), how its value is read and checked, its default, where it may be written, the environment name
 it is also taken from, where its value lands in the model (`at`: `dify.timeouts.connect` is
-`bot.dify.timeouts.connect`), and a line of documentation. The loader, the model's defaults and
-`check-config`'s output are all read from here (loader.py, model.py, render.py).
+`bot.dify.timeouts.connect`), and a line of documentation. The loader, the model's defaults, `check-config`'s
+output, the README's configuration table and the man page dingdifyd.yaml(5) are all read from here
+(loader.py, model.py, render.py, docs.py).
 
-To add a setting: add one entry below (in the group it belongs to) and a field at its `at` in model.py.
+To add a setting: add one entry below (in the group it belongs to), a field at its `at` in model.py, then run
+`python -m dingdifyd.config.docs` to bring the README and the man page up to date.
 """
 
 from __future__ import annotations
