@@ -87,8 +87,9 @@ class Setting:
 
 
 def _top(key: str, kind: Kind, default: Any, at: str, doc: str, **more: Any) -> Setting:
-    """A setting for every bot (top level) or one (in the bot), also read from the environment."""
-    return Setting(key, kind, Scope.BOT, at, doc, default, env=key.upper(), **more)
+    """A setting for every bot (top level) or one (in the bot), also read from the environment under its
+    upper-case name, as dify-on-dingtalk's `.env` was; `env=None`: not (a new setting rarely should be)."""
+    return Setting(key, kind, Scope.BOT, at, doc, default, **{"env": key.upper(), **more})
 
 
 def _bot(key: str, kind: Kind, at: str | None, doc: str, **more: Any) -> Setting:

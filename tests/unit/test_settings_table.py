@@ -69,6 +69,8 @@ def test_keys_are_unique_where_they_are_written():
 
 
 def test_the_environment_names_are_exactly_those_honoured_before():
+    # a new setting read from the environment too? Pass env=None unless that is meant: a general name such as
+    # LANGUAGE (gettext's) would be taken from every shell
     assert {s.env for s in SETTINGS if s.env} == ENV_NAMES_BEFORE
 
 
