@@ -33,10 +33,10 @@ class AccessPolicy:
     @classmethod
     def from_bot(cls, bot: BotConfig) -> AccessPolicy:
         return cls(
-            allow_users=_ids(bot.allow_users),
-            allow_groups=_ids(bot.allow_groups),
-            deny_users=frozenset(bot.deny_users),
-            deny_groups=frozenset(bot.deny_groups),
+            allow_users=_ids(bot.access.allow_users),
+            allow_groups=_ids(bot.access.allow_groups),
+            deny_users=frozenset(bot.access.deny_users),
+            deny_groups=frozenset(bot.access.deny_groups),
         )
 
     def refusal(self, message: IncomingMessage) -> str | None:

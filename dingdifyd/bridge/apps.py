@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from dingdifyd.apptypes import CHAT_APP_TYPES
 from dingdifyd.bridge import session
 from dingdifyd.bridge.inputs import AppParameters, context_inputs, text_input_variable
 from dingdifyd.bridge.ports import AnswerSource
@@ -24,7 +25,6 @@ from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
 
-CHAT_APP_TYPES = ("chatbot", "agent", "chatflow")
 PARAMETERS_TTL = 300.0  # an app builder's change of the input form is picked up within five minutes
 PARAMETERS_RETRY = 30.0  # after a failed fetch: answers go on with what is known, and ask again later
 PARAMETERS_TIMEOUT = 5.0  # an answer never waits longer than this for the app's settings
@@ -156,21 +156,21 @@ class AppRouter:
         """The bot's app around `client`, and one app per route with a client from `make_client` (without one,
         e.g. in the terminal chat, the routes are left out and the bot's app answers everything). `answers` is
         what streams the bot's app's answers (default: `client`); `guard` wraps each route's client likewise."""
-        mapping = bot.dify_inputs
+        mapping = bot.dify.inputs
         default = DifyApp(
             client=client, answers=answers, namespace=bot.name, config_key=where,
-            input_variable=bot.dify_input_variable, context_mapping=mapping,
+            input_variable=bot.dify.input_variable, context_mapping=mapping,
         )  # fmt: skip
         routes = []
         for index, route in enumerate(bot.routes if make_client is not None else ()):
             assert make_client is not None
-            register_secret(route.dify_app_api_key)  # never in a log line, like the bot's own key
+            register_secret(route.api_key)  # never in a log line, like the bot's own key
             route_client = make_client(route)
             app = DifyApp(
                 client=route_client, answers=guard(route_client) if guard else None,
                 namespace=f"{bot.name}#{route.name}", config_key=f"{where}.routes[{index}]",
                 name=route.name, conversation_ids=route.conversation_ids,
-                input_variable=route.dify_input_variable or bot.dify_input_variable, context_mapping=mapping,
+                input_variable=route.input_variable, context_mapping=mapping,
             )  # fmt: skip
             routes.append(app)
         return cls(default, routes)

@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dingdifyd.apptypes import TEXT_INPUT_APP_TYPES
 from dingdifyd.models import IncomingMessage
 
 DEFAULT_TEXT_VARIABLE = "query"
 TEXT_KINDS = ("text-input", "paragraph")
 FILE_KINDS = ("file", "file-list")
-TEXT_INPUT_APP_TYPES = ("workflow", "completion")
 # Context that DingTalk leaves empty in some chats (no title in 1:1, no staff id for external people).
 SOMETIMES_EMPTY = {"chat_title": "1:1 chats have no title", "staff_id": "people outside the org have none"}
 

@@ -22,15 +22,16 @@ class RichAnswer:
         files: MessageFiles | None,
         transfers: MediaTransfers | None = None,
     ):
-        self.style = AnswerStyle(show_reasoning=bot.show_reasoning, tables=bot.markdown_tables)
+        shown = bot.presentation
+        self.style = AnswerStyle(show_reasoning=shown.show_reasoning, tables=shown.markdown_tables)
         self.media = OutgoingMedia(
             message=message,
-            # the routed app's own host (a route may use another Dify), like BotConfig.dify_public_base
-            public_base=_without_v1(getattr(dify, "base_url", "")) or bot.dify_public_base,
+            # the routed app's own host (a route may use another Dify), like DifySettings.public_base
+            public_base=_without_v1(getattr(dify, "base_url", "")) or bot.dify.public_base,
             origins=getattr(dify, "file_origins", ()),  # the only other origin files are fetched from
             dify=dify if isinstance(dify, DifyFiles) else None,
             dingtalk=files,
-            delivery=bot.image_delivery,
+            delivery=shown.image_delivery,
             transfers=transfers,
         )
 

@@ -132,11 +132,11 @@ class BridgeService:
         self.apps = apps
         self.access = AccessPolicy.from_bot(bot)
         self.running = RunningAnswers()
-        self.commands = ChatCommands(bot.command_prefix, store, self.running)
+        self.commands = ChatCommands(bot.conversation.command_prefix, store, self.running)
         self.forms = FormDesk(store)  # human-input forms waiting for people's answers
         self.replies = replies
         self.clock = clock
-        self.policy = UpdatePolicy(interval=bot.card_update_interval, min_chars=bot.card_update_min_chars)
+        self.policy = UpdatePolicy(interval=bot.cards.update_interval, min_chars=bot.cards.update_min_chars)
         self._tasks: set[asyncio.Task[None]] = set()
         self._streamers: dict[str, CardStreamer] = {}  # message key -> the card of its answer in flight
         self._answer_tasks: dict[str, asyncio.Task[None]] = {}
@@ -389,7 +389,7 @@ class BridgeService:
                 extra=log_event(outcome),
             )
             shown = streamer.first_shown_at
-            command = parse_command(message.text, self.bot.command_prefix)
+            command = parse_command(message.text, self.bot.conversation.command_prefix)
             self._report(AnswerReport(
                 outcome, self.clock() - started, shown - started if shown is not None else None, error,
                 dify_answered=outcome == "answered" and (command is None or command.name not in ChatCommands.KNOWN),
@@ -421,12 +421,12 @@ class BridgeService:
 
     def _refuse(self, message: IncomingMessage) -> None:
         """A refused person gets the polite reply through the sessionWebhook: no card, no API quota used."""
-        if not self.bot.access_denied_reply:
+        if not self.bot.access.denied_reply:
             return
 
         async def reply() -> None:
             try:
-                await self.replies.plain_reply(message, self.bot.access_denied_reply)
+                await self.replies.plain_reply(message, self.bot.access.denied_reply)
             except PeerError as exc:
                 log.warning("message %s: the refusal could not be sent (%s)", message.msg_id, type(exc).__name__)
 
@@ -435,18 +435,19 @@ class BridgeService:
         task.add_done_callback(self._tasks.discard)
 
     async def _respond(self, message: IncomingMessage, streamer: CardStreamer, record: InFlight) -> Done:
-        refusal = intake.refusal(message, max_chars=self.bot.max_message_chars)  # DingTalk errors, huge texts
+        # DingTalk errors, huge texts
+        refusal = intake.refusal(message, max_chars=self.bot.conversation.max_message_chars)
         if refusal is not None:
             await streamer.finish(refusal)
             return ANSWERED
         text = message.text.strip()
         app = self.apps.route_for(message)
-        key = app.session_key(message, self.bot.session_scope)
+        key = app.session_key(message, self.bot.conversation.session_scope)
         reply = await self.commands.handle(text, key)  # None: not a command of ours (`/summarize` goes to Dify)
         if reply is not None:
             await streamer.finish(reply)
             return ANSWERED
-        user = session.dify_user(message, self.bot.session_scope)
+        user = session.dify_user(message, self.bot.conversation.session_scope)
         if record.workflow_run_id:
             # an earlier process died while Dify answered: follow that run rather than ask again
             followed = await self._follow_run_of(message, streamer, record, app, key, user)
@@ -469,7 +470,7 @@ class BridgeService:
         if question.reply is not None:
             await streamer.finish(question.reply)
             return ANSWERED
-        show = streamer.set_text if self.bot.show_progress else None
+        show = streamer.set_text if self.bot.presentation.show_progress else None
         turn = AnswerTurn(app=app, session_key=key, user=user, show=show)
         rich = self._rich(message, app)
         streamer.render_with(rich.view)
@@ -558,7 +559,7 @@ class BridgeService:
             await submit_form()
             self.forms.forget(app, message)  # answered: whatever happens next, it is no longer pending
 
-        show = streamer.set_text if self.bot.show_progress else None
+        show = streamer.set_text if self.bot.presentation.show_progress else None
         turn = AnswerTurn(app=app, session_key=key, user=pending.dify_user, show=show)
         if pending.conversation_id and self.store.get_conversation(key) != pending.conversation_id:
             turn.detached = True  # the session moved on (/new, a newer conversation): do not bring this one back
@@ -691,8 +692,8 @@ class BridgeService:
         followed by suggested questions."""
         if turn.stopped or ending is Ending.STOPPED:
             return stopped_text(answer)
-        if self.bot.show_suggested_questions and answer.strip():
-            timeout = self.bot.suggested_questions_timeout
+        if self.bot.presentation.show_suggested_questions and answer.strip():
+            timeout = self.bot.presentation.suggested_questions_timeout
             return with_suggestions(answer, await turn.app.suggested_questions(turn.message_id, turn.user, timeout))
         return answer
 
@@ -756,7 +757,7 @@ class BridgeService:
         transcript = Transcript()
         key = turn.session_key
         remembered = conversation_id
-        ttl = self.bot.conversation_ttl
+        ttl = self.bot.conversation.ttl
         run_named = False
         queue_shown = False  # the card says the answer waits for its turn (not the answer, nor a failure's)
         try:

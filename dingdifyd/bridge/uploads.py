@@ -91,7 +91,8 @@ class IncomingFiles:
             return question
         if not query:
             pictures_only = all(a.kind == att.KIND_PICTURE for a in sent)
-            query = self.bot.default_image_query if pictures_only else self.bot.default_file_query
+            asked = self.bot.conversation
+            query = asked.default_image_query if pictures_only else asked.default_file_query
         question.query = query
         log.info("message %s: %d file(s) passed to Dify, %d not", message.msg_id, len(sent), len(question.notes))
         return question

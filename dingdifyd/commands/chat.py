@@ -207,9 +207,10 @@ async def _chat(bot: config_mod.BotConfig, user: str, stdin: TextIO, screen: Scr
     # A store of its own: the terminal must not share de-dup records or contexts with a running daemon.
     state = Path(tempfile.mkdtemp(prefix="dingdifyd-chat-"))
     store = DiskStore(state)
+    prefix = bot.conversation.command_prefix
     screen.write(
-        f"Chatting with {bot.name} ({bot.dify_app_type} at {bot.dify_open_api_url}). "
-        f"Type {bot.command_prefix}new for a new conversation, {bot.command_prefix}stop to stop an answer, "
+        f"Chatting with {bot.name} ({bot.dify.app_type} at {bot.dify.url}). "
+        f"Type {prefix}new for a new conversation, {prefix}stop to stop an answer, "
         "an empty line or Ctrl-D to quit.\n\n",
         None,
     )
@@ -234,7 +235,7 @@ async def _converse(bot: config_mod.BotConfig, user: str, bridge: BridgeService,
 
     def submit(text: str) -> None:
         message = IncomingMessage(
-            robot_code=bot.dingtalk_app_client_id, msg_id=uuid.uuid4().hex, msg_type="text", text=text,
+            robot_code=bot.dingtalk.client_id, msg_id=uuid.uuid4().hex, msg_type="text", text=text,
             conversation_id=f"terminal-{user}", conversation_type=SINGLE_CHAT, sender_id=user,
             sender_staff_id=user, sender_nick=user, created_at_ms=int(time.time() * 1000),
         )  # fmt: skip
@@ -246,7 +247,7 @@ async def _converse(bot: config_mod.BotConfig, user: str, bridge: BridgeService,
             if echoes:
                 screen.input_echoed()
             text = line.strip()
-            command = parse_command(text, bot.command_prefix)
+            command = parse_command(text, bot.conversation.command_prefix)
             if command is not None and command.name in ChatCommands.KNOWN and bridge.in_flight:
                 submit(text)
             else:

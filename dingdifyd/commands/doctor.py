@@ -16,6 +16,7 @@ or the apps, 69 when a peer could not be reached at all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import uuid
@@ -26,16 +27,11 @@ from typing import TextIO
 import aiohttp
 
 from dingdifyd import config as config_mod
-from dingdifyd.bridge.inputs import (
-    TEXT_INPUT_APP_TYPES,
-    TEXT_KINDS,
-    AppParameters,
-    input_gaps,
-    text_input_variable,
-)
+from dingdifyd.apptypes import AUTO, TEXT_INPUT_APP_TYPES, family
+from dingdifyd.bridge.inputs import TEXT_KINDS, AppParameters, input_gaps, text_input_variable
 from dingdifyd.config import BotConfig, DaemonConfig, Secret
-from dingdifyd.dify.apptype import AppTypeReport, family, inspect_app
-from dingdifyd.dify.client import AUTO, DifyClient, DifyTimeouts
+from dingdifyd.dify.apptype import AppTypeReport, inspect_app
+from dingdifyd.dify.client import DifyClient
 from dingdifyd.dingtalk.api import PERMISSION_DENIED_CODE, DingTalkApi
 from dingdifyd.dingtalk.cards import BUILTIN_TEMPLATE_ID
 from dingdifyd.dingtalk.stream import StreamConnection
@@ -119,8 +115,8 @@ class BotDoctor:
         self.http = http
         self.checks: list[Check] = []
         self.api = DingTalkApi(
-            client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret, session=http,
-            api_base=bot.dingtalk_api_base, oapi_base=bot.dingtalk_oapi_base, timeout=bot.dingtalk_timeout,
+            client_id=bot.dingtalk.client_id, client_secret=bot.dingtalk.client_secret, session=http,
+            api_base=bot.dingtalk.api_base, oapi_base=bot.dingtalk.oapi_base, timeout=bot.dingtalk.timeout,
             max_attempts=2, retry_base_delay=0.5,
         )  # fmt: skip
 
@@ -132,12 +128,12 @@ class BotDoctor:
             for name in ("Stream gateway", "card permission", "card template", "card streaming", "robot files"):
                 self.checks.append(skip(name, "needs a DingTalk token"))
         bot = self.bot
-        await self.dify("", bot.dify_open_api_url, bot.dify_app_api_key, bot.dify_app_type, bot.dify_input_variable,
+        await self.dify("", bot.dify.url, bot.dify.api_key, bot.dify.app_type, bot.dify.input_variable,
                         self.where)  # fmt: skip
         for index, route in enumerate(bot.routes):
             await self.dify(
-                f" (route {route.name})", route.dify_open_api_url, route.dify_app_api_key, route.dify_app_type,
-                route.dify_input_variable or bot.dify_input_variable, f"{self.where}.routes[{index}]",
+                f" (route {route.name})", route.url, route.api_key, route.app_type,
+                route.input_variable, f"{self.where}.routes[{index}]",
             )  # fmt: skip
         return self.checks
 
@@ -153,17 +149,17 @@ class BotDoctor:
             self.checks.append(fail(name, detail, f"check {keys} (developer console: the app > Credentials)"))
             return False
         except (DingTalkError, TimeoutError) as exc:
-            self.checks.append(_unreachable(name, exc, self.bot.dingtalk_api_base))
+            self.checks.append(_unreachable(name, exc, self.bot.dingtalk.api_base))
             return False
-        self.checks.append(ok(name, f"app {self.bot.dingtalk_app_client_id} got an access token"))
+        self.checks.append(ok(name, f"app {self.bot.dingtalk.client_id} got an access token"))
         return True
 
     async def gateway(self) -> None:
         name = "Stream gateway"
         connection = StreamConnection(
-            client_id=self.bot.dingtalk_app_client_id, client_secret=self.bot.dingtalk_app_client_secret,
-            api_base=self.bot.dingtalk_api_base, session=self.http, on_message=lambda message: None,
-            open_timeout=self.bot.dingtalk_timeout,
+            client_id=self.bot.dingtalk.client_id, client_secret=self.bot.dingtalk.client_secret,
+            api_base=self.bot.dingtalk.api_base, session=self.http, on_message=lambda message: None,
+            open_timeout=self.bot.dingtalk.timeout,
         )  # fmt: skip
         try:
             await connection.check_gateway()
@@ -172,12 +168,12 @@ class BotDoctor:
             self.checks.append(fail(name, f"the gateway refused the app ({exc.code or exc.status})", fix))
             return
         except (DingTalkError, OSError, TimeoutError) as exc:
-            self.checks.append(_unreachable(name, exc, self.bot.dingtalk_api_base))
+            self.checks.append(_unreachable(name, exc, self.bot.dingtalk.api_base))
             return
         self.checks.append(ok(name, "a connection ticket was issued (no connection kept)"))
 
     async def cards(self) -> None:
-        template = self.bot.dingtalk_ai_card_template_id
+        template = self.bot.dingtalk.card_template_id
         template_id = template or BUILTIN_TEMPLATE_ID
         probe = f"dingdifyd-doctor-{uuid.uuid4().hex}"
         try:
@@ -185,7 +181,7 @@ class BotDoctor:
             await self.api.create_and_deliver_card(
                 out_track_id=probe, template_id=template_id, card_data={"content": "", "msgContent": ""},
                 conversation_type="1", conversation_id="", sender_staff_id="",
-                robot_code=self.bot.dingtalk_app_client_id,
+                robot_code=self.bot.dingtalk.client_id,
             )  # fmt: skip
             outcome: BaseException | None = None
         except (DingTalkError, TimeoutError) as exc:
@@ -197,7 +193,7 @@ class BotDoctor:
         )  # fmt: skip
         await self._scope_probe(
             "robot files", "qyapi_robot_sendmsg", "pictures and files people send cannot be read",
-            self.api.download_message_file(download_code=probe, robot_code=self.bot.dingtalk_app_client_id),
+            self.api.download_message_file(download_code=probe, robot_code=self.bot.dingtalk.client_id),
             blocking=False,
         )  # fmt: skip
 
@@ -210,7 +206,7 @@ class BotDoctor:
         if isinstance(outcome, DingTalkUnavailable | TimeoutError) or (
             isinstance(outcome, DingTalkError) and outcome.status == 401
         ):
-            return [_unreachable(permission, outcome, self.bot.dingtalk_api_base),
+            return [_unreachable(permission, outcome, self.bot.dingtalk.api_base),
                     skip("card template", "needs the card API")]  # fmt: skip
         checks = [ok(permission, "Card.Instance.Write granted")]
         code = getattr(outcome, "code", None) or ""
@@ -236,7 +232,7 @@ class BotDoctor:
                 self.checks.append(check(name, f"{scope} is not granted: {without}", fix))
                 return
             if isinstance(exc, DingTalkUnavailable | TimeoutError) or exc.status == 401:  # type: ignore[union-attr]
-                self.checks.append(_unreachable(name, exc, self.bot.dingtalk_api_base))
+                self.checks.append(_unreachable(name, exc, self.bot.dingtalk.api_base))
                 return
         self.checks.append(ok(name, f"{scope} granted"))
 
@@ -245,10 +241,8 @@ class BotDoctor:
     async def dify(
         self, label: str, url: str, key: Secret, configured: str, explicit_input: str | None, where: str
     ) -> None:
-        bot = self.bot
-        timeouts = DifyTimeouts(
-            bot.dify_connect_timeout, min(bot.dify_first_byte_timeout, DIFY_TIMEOUT_CAP), bot.dify_idle_timeout
-        )
+        limits = self.bot.dify.timeouts
+        timeouts = dataclasses.replace(limits, first_byte=min(limits.first_byte, DIFY_TIMEOUT_CAP))
         client = DifyClient(base_url=url, api_key=key, app_type=configured, session=self.http, timeouts=timeouts)
         try:
             async with asyncio.timeout(DIFY_TIMEOUT_CAP * 2):
@@ -299,7 +293,7 @@ class BotDoctor:
         return ok(name, f"{report.configured} matches the app{mode}")
 
     def _inputs_check(self, name: str, params: AppParameters, app_type: str, explicit: str | None, where: str) -> Check:
-        mapping = self.bot.dify_inputs
+        mapping = self.bot.dify.inputs
         text_variable = text_input_variable(params, explicit, mapping)
         problems: list[str] = []
         fixes: list[str] = []

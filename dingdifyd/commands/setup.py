@@ -31,10 +31,11 @@ import segno
 import yaml
 
 from dingdifyd import config as config_mod
+from dingdifyd.apptypes import AUTO
 from dingdifyd.commands.doctor import doctor_main
-from dingdifyd.config import DAEMON_GROUP, Secret
+from dingdifyd.config import DAEMON_GROUP, SECRET_KEYS, DifyTimeouts, Secret
 from dingdifyd.dify.apptype import inspect_app
-from dingdifyd.dify.client import AUTO, DifyClient, DifyTimeouts
+from dingdifyd.dify.client import DifyClient
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.registration import WAIT_CAP, AppRegistration, RegistrationError
 from dingdifyd.errors import DifyAuthError, DifyError, DingTalkAuthError, DingTalkError
@@ -45,7 +46,6 @@ DEFAULT_OAPI_BASE = "https://oapi.dingtalk.com"
 CONSOLE = "https://open-dev.dingtalk.com"
 ATTEMPTS = 3  # wrong credentials are asked for again this often
 EXIT_NOTHING_WRITTEN = 1
-SECRET_KEYS = ("dingtalk_app_client_secret", "dify_app_api_key")
 
 
 class Aborted(Exception):

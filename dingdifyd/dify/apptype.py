@@ -16,7 +16,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dingdifyd.dify.client import APP_TYPE_BY_MODE, AUTO, CHAT_APP_TYPES, UNSUPPORTED_MODES, DifyClient
+from dingdifyd.apptypes import APP_TYPE_BY_MODE, AUTO, CHAT_FAMILY, UNSUPPORTED_MODES, family
+from dingdifyd.dify.client import DifyClient
 from dingdifyd.errors import ConfigError, DifyAuthError, DifyError, UnsupportedAppMode
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,6 @@ PROBE_USER = "dingdifyd-probe"
 ROUTE_MISMATCH_CODES = ("not_chat_app", "not_completion_app", "not_workflow_app", "app_unavailable")
 START_CHECK_TIMEOUT = 15.0  # a Dify slow to answer delays the bot's start no longer than this (all its apps)
 CHAT_ROUTE_APP = "chat-route app (chatbot, agent or chatflow: this Dify does not say which)"
-
-
-def family(app_type: str) -> str:
-    """chatbot, agent and chatflow apps share `/chat-messages` and its events: for the bridge they are alike."""
-    return "chat" if app_type in CHAT_APP_TYPES else app_type
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class AppTypeReport:
     def only_family_known(self) -> bool:
         """An older Dify (no mode in `GET /info`) confirmed the route family only: a chat-route app may be a
         chatbot, an agent or a chatflow, and nothing here can tell which."""
-        return self.mode is None and self.actual is not None and family(self.actual) == "chat"
+        return self.mode is None and self.actual is not None and family(self.actual) == CHAT_FAMILY
 
     def describe(self) -> str:
         if self.only_family_known:

@@ -19,13 +19,13 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin
 
 import aiohttp
 
-from dingdifyd.config import Secret
+from dingdifyd.apptypes import APP_TYPE_BY_MODE, AUTO, CHAT_APP_TYPES, CONFIGURABLE_APP_TYPES, UNSUPPORTED_MODES
+from dingdifyd.config import DifyTimeouts, Secret
 from dingdifyd.dify.events import DifyEvent, MessageEnd, WorkflowFinished, WorkflowPaused, parse_event
 from dingdifyd.dify.sse import SSEMessage, iter_sse
 from dingdifyd.errors import (
@@ -43,34 +43,12 @@ from dingdifyd.origins import origin_of, origins_of
 
 log = logging.getLogger(__name__)
 
-CHAT_APP_TYPES = ("chatbot", "agent", "chatflow")
-APP_TYPES = (*CHAT_APP_TYPES, "completion", "workflow")
-AUTO = "auto"  # ask the server on first use (`resolve_app_type`)
-# Dify's own name for each app mode (GET /info `mode` in 1.x, the `mode` of a blocking answer) -> our app type
-APP_TYPE_BY_MODE = {
-    "chat": "chatbot",
-    "agent-chat": "agent",
-    "agent": "agent",  # 1.x's Dify Agent runtime: served on /chat-messages like an agent-chat app
-    "advanced-chat": "chatflow",
-    "completion": "completion",
-    "workflow": "workflow",
-}
-# 1.x modes no chat can use: a channel app is driven by its channels, a RAG pipeline only builds a knowledge base
-UNSUPPORTED_MODES = ("channel", "rag-pipeline")
+DEFAULT_TIMEOUTS = DifyTimeouts()  # the table's defaults (config/settings.py)
 FINISHED_STATUSES = ("succeeded", "partial-succeeded")
 RUN_EVENTS_SINCE = (1, 14)  # the Dify version that serves GET /workflow/:run_id/events
 _RATE_LIMIT_CODES = ("too_many_requests", "rate_limit_error")
 MAX_FILE_REDIRECTS = 3
 _ROUTE_MISMATCH_CODES = ("not_chat_app", "not_completion_app", "not_workflow_app", "app_unavailable")
-
-
-@dataclass(frozen=True)
-class DifyTimeouts:
-    connect: float = 10.0  # TCP connect
-    first_byte: float = 60.0  # until the response headers arrive (and, for plain JSON calls, the whole body)
-    idle: float = 60.0  # the longest gap between two reads of the stream; Dify's pings count
-    # the whole answer, however lively: Dify's own APP_MAX_EXECUTION_TIME defaults to 1200 s
-    total: float = 1200.0
 
 
 def classify_error(status: int | None, code: str | None, message: str) -> DifyError:
@@ -145,12 +123,12 @@ class DifyClient:
         api_key: Secret,
         app_type: str,
         session: aiohttp.ClientSession,
-        timeouts: DifyTimeouts = DifyTimeouts(),
+        timeouts: DifyTimeouts = DEFAULT_TIMEOUTS,
         input_variable: str | None = "query",
         files_url: str | None = None,
     ):
-        if app_type not in (*APP_TYPES, AUTO):
-            raise ValueError(f"app_type must be one of {', '.join((*APP_TYPES, AUTO))}, not {app_type!r}")
+        if app_type not in CONFIGURABLE_APP_TYPES:
+            raise ValueError(f"app_type must be one of {', '.join(CONFIGURABLE_APP_TYPES)}, not {app_type!r}")
         self.base_url = base_url.rstrip("/")
         # where Dify serves its files: its own origin, and its FILES_URL host when that is another one.
         # Nothing else is ever fetched, and no redirect leads elsewhere (a model writes the URLs).

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dingdifyd.errors import ConfigError
+from dingdifyd.paths import parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +34,6 @@ WRITE_TIMEOUT = 1.0  # the longest a slow client may hold the supervisor's loop
 READ_TIMEOUT = 5.0  # a metrics client that has not sent its request by then is dropped
 MAX_CONNECTIONS = 16
 MAX_REQUEST = 8192
-
-
-def parse_listen(value: str) -> tuple[str, Any]:
-    """`HOST:PORT`, `[IPV6]:PORT` or `unix:/PATH` -> ("tcp", (host, port)) | ("unix", path). Raises ValueError."""
-    text = value.strip()
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path.startswith("/"):
-            raise ValueError("unix: needs an absolute path")
-        return "unix", path
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError("expected HOST:PORT (e.g. 127.0.0.1:9464) or unix:/PATH")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"{port_text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is not between 1 and 65535")
-    return "tcp", (host, port)
 
 
 def _bind_unix(path: str, key: str) -> socket.socket:

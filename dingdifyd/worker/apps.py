@@ -14,19 +14,13 @@ from dingdifyd.bridge.apps import AppRouter
 from dingdifyd.bridge.ports import AnswerSource
 from dingdifyd.config import BotConfig, DaemonConfig, RouteConfig
 from dingdifyd.dify.apptype import check_at_start
-from dingdifyd.dify.client import DifyClient, DifyTimeouts
+from dingdifyd.dify.client import DifyClient
 
 
 def key_path(daemon: DaemonConfig, bot: BotConfig) -> str:
     """How the config file names the bot: `bots[2]`."""
     index = next((i for i, b in enumerate(daemon.bots) if b.name == bot.name), None)
     return f"bots[{index}]" if index is not None else f"bot {bot.name}"
-
-
-def dify_timeouts(bot: BotConfig) -> DifyTimeouts:
-    return DifyTimeouts(
-        bot.dify_connect_timeout, bot.dify_first_byte_timeout, bot.dify_idle_timeout, bot.dify_total_timeout
-    )
 
 
 def dify_session() -> aiohttp.ClientSession:
@@ -37,17 +31,16 @@ def dify_session() -> aiohttp.ClientSession:
 
 def bot_client(bot: BotConfig, http: aiohttp.ClientSession) -> DifyClient:
     return DifyClient(
-        base_url=bot.dify_open_api_url, api_key=bot.dify_app_api_key, app_type=bot.dify_app_type,
-        session=http, input_variable=bot.dify_input_variable, timeouts=dify_timeouts(bot),
-        files_url=bot.dify_files_url,
+        base_url=bot.dify.url, api_key=bot.dify.api_key, app_type=bot.dify.app_type,
+        session=http, input_variable=bot.dify.input_variable, timeouts=bot.dify.timeouts,
+        files_url=bot.dify.files_url,
     )  # fmt: skip
 
 
 def route_client(bot: BotConfig, route: RouteConfig, http: aiohttp.ClientSession) -> DifyClient:
     return DifyClient(
-        base_url=route.dify_open_api_url, api_key=route.dify_app_api_key, app_type=route.dify_app_type,
-        session=http, input_variable=route.dify_input_variable or bot.dify_input_variable,
-        timeouts=dify_timeouts(bot),
+        base_url=route.url, api_key=route.api_key, app_type=route.app_type,
+        session=http, input_variable=route.input_variable, timeouts=bot.dify.timeouts,
     )  # fmt: skip
 
 

@@ -73,7 +73,7 @@ class BotRuntime:
         self.scheduler: CardScheduler | None = None
         self.protections: DifyProtections | None = None
         self._card_backoff = card_backoff or {}
-        self.delivery_watch = DeliveryWatch(bot.dingtalk_app_client_id, late_after=late_delivery_after)
+        self.delivery_watch = DeliveryWatch(bot.dingtalk.client_id, late_after=late_delivery_after)
         self.stats = stats if stats is not None else BotStats()  # what `dingdifyd status` and the metrics show
         self._stop = asyncio.Event()
         self.connected = asyncio.Event()
@@ -148,20 +148,20 @@ class BotRuntime:
             # two sessions: long Dify streams must never hold up DingTalk's short calls (cards, files)
             async with aiohttp.ClientSession() as http, dify_session() as dify_http:
                 # every DingTalk call counted (per day and month, in the store); card calls share one scheduler
-                accounting = self.accounting = ApiAccounting(store, monthly_budget=bot.dingtalk_api_monthly_budget)
+                accounting = self.accounting = ApiAccounting(store, monthly_budget=bot.dingtalk.monthly_budget)
                 api = DingTalkApi(
-                    client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
-                    session=http, api_base=bot.dingtalk_api_base, oapi_base=bot.dingtalk_oapi_base,
-                    timeout=bot.dingtalk_timeout, on_call=accounting.record, on_result=self.stats.dingtalk_call,
+                    client_id=bot.dingtalk.client_id, client_secret=bot.dingtalk.client_secret,
+                    session=http, api_base=bot.dingtalk.api_base, oapi_base=bot.dingtalk.oapi_base,
+                    timeout=bot.dingtalk.timeout, on_call=accounting.record, on_result=self.stats.dingtalk_call,
                 )  # fmt: skip
                 scheduler = self.scheduler = CardScheduler(
-                    bot.dingtalk_card_qps, pacing=accounting.pacing, **self._card_backoff
+                    bot.cards.qps, pacing=accounting.pacing, **self._card_backoff
                 )
                 # each Dify protected from bursts: a bound on answers in flight shared through the store's slot
                 # table, a fair queue, one retry, a circuit breaker (dify/protected.py)
                 protections = self.protections = DifyProtections(
                     store.dify_slots(),
-                    ProtectionSettings(max_concurrency=bot.dify_max_concurrency, **self._dify_protection),
+                    ProtectionSettings(max_concurrency=bot.dify.max_concurrency, **self._dify_protection),
                 )
 
                 def guard(client: DifyClient) -> ProtectedAnswers:
@@ -176,13 +176,13 @@ class BotRuntime:
                     log.info("stopped while starting")
                     return EX_OK
                 self.bridge = BridgeService(
-                    bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk_ai_card_template_id),
+                    bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk.card_template_id),
                     files=DingTalkFiles(api), scheduler=scheduler, on_answer=self.stats.answer,
                     **self._bridge_options,
                 )  # fmt: skip
                 self.connection = StreamConnection(
-                    client_id=bot.dingtalk_app_client_id, client_secret=bot.dingtalk_app_client_secret,
-                    api_base=bot.dingtalk_api_base, session=http, on_message=self._on_message,
+                    client_id=bot.dingtalk.client_id, client_secret=bot.dingtalk.client_secret,
+                    api_base=bot.dingtalk.api_base, session=http, on_message=self._on_message,
                     on_state=self._on_state, on_failure=self.channel.problem if self.channel else lambda _: None,
                 )  # fmt: skip
                 return await self._serve(beats)
@@ -200,7 +200,7 @@ class BotRuntime:
             queued=(len(scheduler.policy) if scheduler is not None else 0)
             + (self.protections.waiting if self.protections is not None else 0),
             calls=accounting.stats() if accounting is not None else None,
-            budget=self.bot.dingtalk_api_monthly_budget,
+            budget=self.bot.dingtalk.monthly_budget,
             pacing=accounting.pacing().level if accounting is not None else "normal",
         )  # fmt: skip
 

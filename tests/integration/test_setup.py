@@ -74,8 +74,8 @@ async def test_a_new_app_by_qr_code_then_the_bot_answers_with_what_was_written(t
     assert secret not in text and dify_key("workflow") not in text
     loaded = config.load(path, environ={})
     [bot] = loaded.bots
-    assert (bot.name, bot.dingtalk_app_client_id, bot.dify_app_type) == ("hr", client_id, "workflow")
-    assert bot.dingtalk_app_client_secret.reveal() == secret
+    assert (bot.name, bot.dingtalk.client_id, bot.dify.app_type) == ("hr", client_id, "workflow")
+    assert bot.dingtalk.client_secret.reveal() == secret
     secret_file = tmp_path / "etc" / "hr.hr.dingtalk_app_client_secret"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o640
 
@@ -123,7 +123,7 @@ async def test_a_refused_or_lapsed_scan_says_what_to_do_and_goes_on_with_existin
     assert CLIENT_SECRET not in (etc / "hr.yaml").read_text()
     # as the service sees it: the credentials in $CREDENTIALS_DIRECTORY
     loaded = config.load(etc / "hr.yaml", environ={"CREDENTIALS_DIRECTORY": str(etc / "credentials")})
-    assert loaded.bots[0].dify_app_api_key.reveal() == dify_key("chatbot")
+    assert loaded.bots[0].dify.api_key.reveal() == dify_key("chatbot")
 
 
 async def test_an_existing_config_is_never_replaced_without_asking(tmp_path, dingtalk, dify):

@@ -4,6 +4,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -43,13 +44,13 @@ def test_original_bots_yaml_and_env_are_accepted_unchanged(tmp_path):
     loaded = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ=ORIGINAL_ENV)
     (bot,) = loaded.bots
     assert bot.name == "问答助手"
-    assert bot.dify_app_type == "chatbot"
-    assert bot.dingtalk_app_client_secret.reveal() == "s3cr3t-client-value"
-    assert bot.dify_app_api_key.reveal() == "app-0123456789abcdefghij"
+    assert bot.dify.app_type == "chatbot"
+    assert bot.dingtalk.client_secret.reveal() == "s3cr3t-client-value"
+    assert bot.dify.api_key.reveal() == "app-0123456789abcdefghij"
     # .env names honoured, quotes as written in an .env file removed
-    assert bot.dify_open_api_url == "https://dify.example.com/v1"
-    assert bot.dingtalk_ai_card_template_id == "tpl-123.schema"
-    assert bot.conversation_ttl == 15 * 60
+    assert bot.dify.url == "https://dify.example.com/v1"
+    assert bot.dingtalk.card_template_id == "tpl-123.schema"
+    assert bot.conversation.ttl == 15 * 60
     assert bot.state_dir == "/home/someone/.local/state/dingdifyd"
     assert loaded.warnings == ()
 
@@ -60,13 +61,13 @@ def test_file_values_win_over_environment_and_bots_override_top_level(tmp_path):
     )
     text += "    session_scope: user\n"
     loaded = config.load(write(tmp_path, text), environ=ORIGINAL_ENV)
-    assert loaded.bots[0].dify_open_api_url == "http://127.0.0.1:9/v1"
-    assert loaded.bots[0].session_scope == "user"
+    assert loaded.bots[0].dify.url == "http://127.0.0.1:9/v1"
+    assert loaded.bots[0].conversation.session_scope == "user"
 
 
 def test_app_type_is_case_insensitive_and_chatflow_is_known(tmp_path):
     loaded = config.load(write(tmp_path, ORIGINAL_BOTS_YAML.replace("chatbot", "CHATFLOW")), environ={})
-    assert loaded.bots[0].dify_app_type == "chatflow"
+    assert loaded.bots[0].dify.app_type == "chatflow"
 
 
 def test_every_problem_is_named_by_its_key_path(tmp_path):
@@ -130,10 +131,10 @@ bots:
 """
     loaded = config.load(write(tmp_path, text), environ={"CREDENTIALS_DIRECTORY": str(creds)})
     bot = loaded.bots[0]
-    assert bot.dingtalk_app_client_secret.reveal() == "from-a-file"
-    assert bot.dingtalk_app_client_secret.source == "file"
-    assert bot.dify_app_api_key.reveal() == "app-from-credential"
-    assert bot.dify_app_api_key.source == "systemd credential"
+    assert bot.dingtalk.client_secret.reveal() == "from-a-file"
+    assert bot.dingtalk.client_secret.source == "file"
+    assert bot.dify.api_key.reveal() == "app-from-credential"
+    assert bot.dify.api_key.source == "systemd credential"
 
 
 def test_unreadable_secret_file_is_named(tmp_path):
@@ -203,15 +204,17 @@ def test_check_config_exits_78_naming_the_key(tmp_path):
 
 def test_rich_message_settings_have_defaults_and_are_checked(tmp_path):
     (bot,) = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={}).bots
-    assert (bot.show_reasoning, bot.markdown_tables, bot.image_delivery) == ("hide", "list", "card")
-    assert bot.default_image_query == "Please describe this picture."
-    assert bot.default_file_query == "Please read the attached file."
+    shown = bot.presentation
+    assert (shown.show_reasoning, shown.markdown_tables, shown.image_delivery) == ("hide", "list", "card")
+    assert bot.conversation.default_image_query == "Please describe this picture."
+    assert bot.conversation.default_file_query == "Please read the attached file."
     text = "show_reasoning: quote\nmarkdown_tables: code\n" + ORIGINAL_BOTS_YAML + (
         "    image_delivery: message\n    default_image_query: 请描述这张图片。\n"
     )
     (bot,) = config.load(write(tmp_path, text), environ={}).bots
-    assert (bot.show_reasoning, bot.markdown_tables, bot.image_delivery) == ("quote", "code", "message")
-    assert bot.default_image_query == "请描述这张图片。"
+    shown = bot.presentation
+    assert (shown.show_reasoning, shown.markdown_tables, shown.image_delivery) == ("quote", "code", "message")
+    assert bot.conversation.default_image_query == "请描述这张图片。"
     bad = "show_reasoning: show\n" + ORIGINAL_BOTS_YAML + "    markdown_tables: html\n    default_file_query: ''\n"
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, bad), environ={})
@@ -247,18 +250,18 @@ bots:
         dify_open_api_url: http://dify2.example/v1
 """
     bot = config.load(write(tmp_path, text), environ={"CREDENTIALS_DIRECTORY": str(creds)}).bots[0]
-    assert bot.show_progress is False and bot.show_suggested_questions is False
-    assert bot.deny_users == ("troll1", "troll2") and bot.deny_groups == ()
-    assert bot.access_denied_reply == ""
-    assert bot.dify_input_variable is None  # found via /parameters unless set
+    assert bot.presentation.show_progress is False and bot.presentation.show_suggested_questions is False
+    assert bot.access.deny_users == ("troll1", "troll2") and bot.access.deny_groups == ()
+    assert bot.access.denied_reply == ""
+    assert bot.dify.input_variable is None  # found via /parameters unless set
     expected_inputs = {**config.DIFY_CONTEXT_INPUTS, "nick": "who"}
     del expected_inputs["chat_title"]  # null switches one off; the others keep their defaults
-    assert bot.dify_inputs == expected_inputs
+    assert bot.dify.inputs == expected_inputs
     sales, second = bot.routes
-    assert sales.dify_app_api_key.reveal() == "app-route-from-credential"
-    assert sales.dify_open_api_url == bot.dify_open_api_url
+    assert sales.api_key.reveal() == "app-route-from-credential"
+    assert sales.url == bot.dify.url
     assert second.name == "route1" and second.conversation_ids == ("cidA==", "cidB==")
-    assert second.dify_open_api_url == "http://dify2.example/v1"
+    assert second.url == "http://dify2.example/v1"
     effective = config.render_effective(config.load(write(tmp_path, text), {"CREDENTIALS_DIRECTORY": str(creds)}))
     assert "app-second" not in effective and "app-route-from-credential" not in effective
     assert "cidSALES==" in effective
@@ -290,11 +293,11 @@ def test_rich_conversation_keys_are_validated_by_key_path(tmp_path):
 
 def test_long_answer_and_message_size_limits_have_defaults_and_are_checked(tmp_path):
     (bot,) = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={}).bots
-    assert bot.dify_total_timeout == 1200  # Dify's own APP_MAX_EXECUTION_TIME
-    assert bot.max_message_chars == 20000
+    assert bot.dify.timeouts.total == 1200  # Dify's own APP_MAX_EXECUTION_TIME
+    assert bot.conversation.max_message_chars == 20000
     text = "dify_total_timeout: 3600\nmax_message_chars: 5000\n" + ORIGINAL_BOTS_YAML + "    max_message_chars: 100\n"
     (bot,) = config.load(write(tmp_path, text), environ={}).bots
-    assert (bot.dify_total_timeout, bot.max_message_chars) == (3600, 100)
+    assert (bot.dify.timeouts.total, bot.conversation.max_message_chars) == (3600, 100)
     bad = "dify_total_timeout: 0\n" + ORIGINAL_BOTS_YAML + "    max_message_chars: lots\n"
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, bad), environ={})
@@ -317,13 +320,13 @@ def test_a_redis_store_url_is_accepted_and_its_password_never_shown(tmp_path):
 
 def test_monthly_api_budget_is_optional_from_file_or_environment_and_checked(tmp_path):
     (bot,) = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ={}).bots
-    assert bot.dingtalk_api_monthly_budget is None  # no budget: only DingTalk's own quota
+    assert bot.dingtalk.monthly_budget is None  # no budget: only DingTalk's own quota
     env = {"DINGTALK_API_MONTHLY_BUDGET": '"5000"'}
     (bot,) = config.load(write(tmp_path, ORIGINAL_BOTS_YAML), environ=env).bots
-    assert bot.dingtalk_api_monthly_budget == 5000
+    assert bot.dingtalk.monthly_budget == 5000
     text = "dingtalk_api_monthly_budget: 5000\n" + ORIGINAL_BOTS_YAML + "    dingtalk_api_monthly_budget: null\n"
     (bot,) = config.load(write(tmp_path, text), environ={}).bots
-    assert bot.dingtalk_api_monthly_budget is None  # a bot may opt out of the file's budget
+    assert bot.dingtalk.monthly_budget is None  # a bot may opt out of the file's budget
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, ORIGINAL_BOTS_YAML + "    dingtalk_api_monthly_budget: 0\n"), environ={})
     assert "bots[0].dingtalk_api_monthly_budget: 0 must be a whole number from 1 to 1000000000" in caught.value.problems
@@ -363,15 +366,22 @@ def test_check_config_exits_78_naming_an_infinite_number(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def _numeric_fields(cls: type, prefix: str = "") -> set[str]:
+    """The place (`dify.timeouts.connect`) of every number in the model, parts walked into."""
+    hints = typing.get_type_hints(cls)
+    places = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            places |= _numeric_fields(hints[f.name], f"{prefix}{f.name}.")
+        elif str(f.type).replace(" | None", "") in ("float", "int"):
+            places.add(prefix + f.name)
+    return places
+
+
 def test_every_numeric_setting_has_a_range():
-    numeric = {
-        f.name
-        for cls in (config.BotConfig, config.DaemonConfig)
-        for f in dataclasses.fields(cls)
-        if str(f.type).replace(" | None", "") in ("float", "int")
-    }
-    numeric.discard("max_workers")  # accepted for compatibility and ignored: any value will do
-    assert numeric == set(config.NUMBER_RANGES)
+    numeric = _numeric_fields(config.BotConfig) | _numeric_fields(config.DaemonConfig)
+    ranged = {s.at for s in config.SETTINGS if s.limits is not None}
+    assert numeric == ranged
 
 
 @pytest.mark.parametrize(
@@ -424,8 +434,8 @@ def test_the_supervisor_keeps_sealed_secrets_and_a_bot_process_reads_only_its_ow
     key_file.chmod(0)  # b's file unreadable: a's process never tries to read it
     key_file.unlink()
     mine = config.unseal_bot(path, kept.bots[0], environ={})
-    assert mine.dingtalk_app_client_secret.reveal() == "s3cr3t-client-value"
-    assert mine.dify_app_api_key.reveal() == "app-0123456789abcdefghij"
+    assert mine.dingtalk.client_secret.reveal() == "s3cr3t-client-value"
+    assert mine.dify.api_key.reveal() == "app-0123456789abcdefghij"
     assert mine == loaded.bots[0]
 
 
@@ -434,3 +444,17 @@ def test_a_changed_secret_makes_the_sealed_configs_differ(tmp_path):
     changed = ORIGINAL_BOTS_YAML.replace("s3cr3t-client-value", "another-client-value")
     second = config.sealed(config.load(write(tmp_path, changed), environ={}))
     assert first.bots[0] != second.bots[0]
+
+
+@pytest.mark.parametrize("written", ["log_level: ''", "log_level: null"])
+def test_an_empty_log_level_is_the_default_never_debug(tmp_path, written):
+    # DEBUG logs message text: a level left empty must not switch it on
+    loaded = config.load(write(tmp_path, written + "\n" + ORIGINAL_BOTS_YAML), environ={})
+    assert loaded.log_level == "INFO" and loaded.bots[0].log_level == "INFO"
+
+
+def test_a_bad_top_level_value_is_named_once_where_it_is_written(tmp_path):
+    second = ORIGINAL_BOTS_YAML.split("\n", 1)[1].replace("问答助手", "second")
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, "dify_idle_timeout: soon\n" + ORIGINAL_BOTS_YAML + second), environ={})
+    assert caught.value.problems == ["dify_idle_timeout: 'soon' is not a number"]

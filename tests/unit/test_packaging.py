@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import configparser
-import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import setuptools
 
 from dingdifyd import __version__, config
+from dingdifyd.config.settings import default_of, known_keys
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "etc" / "example.yaml"
@@ -22,10 +22,7 @@ DEBIAN = REPO / "packaging" / "debian"
 
 
 def documented_keys() -> set[str]:
-    return {
-        *config.INHERITED_KEYS, *config.DAEMON_KEYS, *config.BOT_ONLY_KEYS, *config.IGNORED_TOP_KEYS,
-        *getattr(config, "ROUTE_KEYS", ()),
-    }  # fmt: skip
+    return set(known_keys(config.SETTINGS))
 
 
 def unit_entries(path: Path) -> list[tuple[str, str, str]]:
@@ -95,13 +92,13 @@ def test_memory_is_bounded_and_no_core_is_dumped() -> None:
 
 
 def test_the_start_window_fits_the_start_timeout() -> None:
-    default_start = next(f.default for f in dataclasses.fields(config.DaemonConfig) if f.name == "start_timeout")
+    default_start = default_of("start_timeout")
     [timeout] = service(TEMPLATE_UNIT)["TimeoutStartSec"]
     assert float(timeout.removesuffix("s")) >= default_start + 30  # READY=1 long before systemd gives up
 
 
 def test_stop_timeout_fits_the_drain_bound() -> None:
-    default_stop = next(f.default for f in dataclasses.fields(config.DaemonConfig) if f.name == "stop_timeout")
+    default_stop = default_of("stop_timeout")
     [timeout] = service(TEMPLATE_UNIT)["TimeoutStopSec"]
     assert timeout.endswith("s")
     # the supervisor gives the bots stop_timeout + 1 s, then SIGKILLs them: systemd must wait longer
