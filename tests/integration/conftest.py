@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from dingdifyd.simulator.dify_dialect import VERSIONS
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import VERSIONS, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from dingdifyd import config
 from dingdifyd.simulator import configfile
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import ANSWER_TAIL, FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from dingdifyd.worker.runtime import BotRuntime
 
 CLIENT_ID = "dingbridgetest"

@@ -18,9 +18,8 @@ from aiohttp import web
 from dingdifyd.bridge import intake
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.dify_dialect import VERSIONS
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import CHATBOT_TOPIC, FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import VERSIONS, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import CHATBOT_TOPIC, FakeCard, FakeDingTalk
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(90)

@@ -10,7 +10,7 @@ import pytest
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from tests.integration.harness import (
     CLIENT_ID,
     CLIENT_SECRET,

@@ -16,8 +16,8 @@ import pytest
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import API_BATCH_SEND, FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import ANSWER_TAIL, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import API_BATCH_SEND, FakeCard, FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, write_config
 
 pytestmark = pytest.mark.timeout(90)

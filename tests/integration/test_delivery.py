@@ -19,9 +19,9 @@ import pytest
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.cards import BUILTIN_TEMPLATE_ID
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator import fake_dingtalk as fd
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator import dingtalk as fd
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.store.disk import DiskStore
 from tests.integration.harness import CLIENT_ID, dify_key, echo, running_bot, write_config
 

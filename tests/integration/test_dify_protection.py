@@ -16,8 +16,8 @@ from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyOverloaded
 from dingdifyd.pacing.circuit import CircuitSettings, CircuitState
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.store.slots import SqliteSlots
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 from tests.integration.redis_server import redis_server

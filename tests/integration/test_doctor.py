@@ -15,8 +15,8 @@ import pytest
 from dingdifyd import config
 from dingdifyd.commands.doctor import doctor_main
 from dingdifyd.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, TEMPLATE, bot_entry, dify_key, write_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,7 +17,7 @@ from dingdifyd.config import Secret
 from dingdifyd.dify.client import DifyClient
 from dingdifyd.dify.sse import SSEBlockSplitter, parse_block
 from dingdifyd.errors import DifyStreamCut
-from dingdifyd.simulator.fake_dify import FakeDify, running_fake_dify, start_fake_dify
+from dingdifyd.simulator.dify import FakeDify, running_fake_dify, start_fake_dify
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dify"
 RECORDED_KEY = "app-REDACTEDREDACTEDREDACT"

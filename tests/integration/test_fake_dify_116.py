@@ -15,9 +15,7 @@ import aiohttp
 import pytest
 
 from dingdifyd.dify.sse import SSEBlockSplitter, parse_block
-from dingdifyd.simulator.dify_dialect import DIFY_1_16
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_hitl import HumanInputNode
+from dingdifyd.simulator.dify import DIFY_1_16, FakeDify, HumanInputNode
 
 pytestmark = pytest.mark.timeout(30)
 

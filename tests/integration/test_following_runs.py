@@ -17,8 +17,8 @@ from dingdifyd.bridge import session
 from dingdifyd.bridge.session import message_key, out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyStreamCut, DifyTimeout
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from dingdifyd.store.base import InFlight
 from dingdifyd.store.disk import DiskStore
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config

@@ -14,10 +14,17 @@ import pytest
 from dingdifyd.bridge import forms
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.dify_dialect import DIFY_1_16
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
-from dingdifyd.simulator.fake_hitl import HumanInputNode, action, file_input, paragraph, select
+from dingdifyd.simulator.dify import (
+    DIFY_1_16,
+    FakeDify,
+    HumanInputNode,
+    action,
+    file_input,
+    paragraph,
+    select,
+    start_fake_dify,
+)
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.store.disk import DiskStore
 from tests.integration.harness import CLIENT_ID, bot_entry, echo, running_bot, write_config
 

@@ -18,8 +18,8 @@ from dingdifyd.dify.events import DifyEvent, TextDelta, TextReplace, WorkflowFin
 from dingdifyd.dify.guarded import GuardedAnswers, PollSchedule, run_outputs
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyError, DifyStreamCut, DifyTimeout, DifyTotalTimeout
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import ANSWER_TAIL, FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, bot_entry, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(30)

@@ -9,8 +9,8 @@ import pytest
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import MODERATED_ANSWER, REASONING, FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import MODERATED_ANSWER, REASONING, FakeDify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)

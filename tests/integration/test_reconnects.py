@@ -16,8 +16,8 @@ import pytest
 from dingdifyd import config
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.worker.runtime import BotRuntime
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot, write_config
 

@@ -14,9 +14,8 @@ from dingdifyd import config
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import ConfigError
-from dingdifyd.simulator.dify_dialect import DIFY_0_15
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import DIFY_0_15, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.worker.runtime import BotRuntime
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
 

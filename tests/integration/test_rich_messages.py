@@ -16,8 +16,8 @@ from aiohttp import web
 from dingdifyd.bridge.media import IMAGES_LEFT_OUT, MAX_IMAGES_PER_ANSWER, MAX_TRANSFERS
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import TOOL_IMAGE, FakeDify
-from dingdifyd.simulator.fake_dingtalk import (
+from dingdifyd.simulator.dify import TOOL_IMAGE, FakeDify
+from dingdifyd.simulator.dingtalk import (
     API_BATCH_SEND,
     API_GROUP_SEND,
     SAMPLE_PNG,

@@ -11,8 +11,8 @@ from dingdifyd.bridge.service import EMPTY_ANSWER
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyError
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,8 +12,8 @@ import pytest
 
 from dingdifyd import config
 from dingdifyd.commands.setup import qr_text, setup_main
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot
 
 pytestmark = pytest.mark.timeout(60)
@@ -148,7 +148,7 @@ async def test_wrong_credentials_are_asked_again_and_the_end_of_input_writes_not
 
 @pytest.fixture
 async def dify() -> FakeDify:
-    from dingdifyd.simulator.fake_dify import start_fake_dify
+    from dingdifyd.simulator.dify import start_fake_dify
 
     fake = await start_fake_dify(default_apps=True, info_with_mode=True)
     for key in list(fake.apps):

@@ -13,8 +13,8 @@ import pytest
 
 from dingdifyd.bridge.session import message_key, out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from dingdifyd.store.base import InFlight
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot, write_config
 from tests.integration.redis_server import RedisServer, redis_server

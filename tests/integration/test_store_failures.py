@@ -24,8 +24,8 @@ from dingdifyd.bridge.service import CANNOT_TAKE_MESSAGES
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import StoreUnavailable
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from dingdifyd.store.base import InFlight
 from dingdifyd.store.disk import DiskStore
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, echo, running_bot, write_config
