@@ -1,7 +1,7 @@
 """Dify answers made readable in DingTalk: reasoning (`<think>`) hidden or quoted, markdown reduced to what
 DingTalk's AI card renders. Pure functions over text; safe to call on every partial answer while it streams.
 
-What DingTalk's card does differently from CommonMark (reference/competitors.md §4.6): a single newline inside a
+What DingTalk's card does differently from CommonMark (docs/dingtalk.md#card-markdown): a single newline inside a
 paragraph is not a line break (only `<br>` is), tables are garbled, most HTML shows as raw tags, and consecutive
 quote lines only stay together when joined with `<br>`. Fenced code renders, and is never touched here.
 """

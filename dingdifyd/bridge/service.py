@@ -1,8 +1,8 @@
 """The bridge: one incoming message in, one streamed answer out, exactly once, and never silence.
 
-Per message (DESIGN.md §2): claim it durably (a redelivery is dropped), handle chat commands, find the Dify
-conversation of its session, stream the answer into a card, remember the conversation, and on any failure end
-the card with a short readable message while the log gets the detail.
+Per message (docs/design.md#per-message): claim it durably (a redelivery is dropped), handle chat commands, find
+the Dify conversation of its session, stream the answer into a card, remember the conversation, and on any
+failure end the card with a short readable message while the log gets the detail.
 """
 
 from __future__ import annotations
