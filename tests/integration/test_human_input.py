@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 
 from dingdifyd.bridge import forms
-from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator.dify import (
     DIFY_1_16,
@@ -26,7 +25,7 @@ from dingdifyd.simulator.dify import (
 )
 from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.store.disk import DiskStore
-from tests.integration.harness import CLIENT_ID, bot_entry, echo, running_bot, write_config
+from tests.integration.harness import bot_entry, deliver, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,13 +54,6 @@ async def say(dingtalk: FakeDingTalk, text: str, *, who: str = "asker1", nick: s
     """A person writes to the robot; their message's card, once final."""
     data = dingtalk.make_text_message(text, sender_staff_id=who, sender_nick=nick, **kwargs)
     return await deliver(dingtalk, data)
-
-
-async def deliver(dingtalk: FakeDingTalk, data: dict[str, Any]) -> FakeCard:
-    dingtalk.push_message(CLIENT_ID, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return await dingtalk.wait_card_final(out_track_id(message), timeout=20)
 
 
 def the_form(dify: FakeDify):

@@ -4,7 +4,6 @@ reasoning, files, steps, pauses and forms are what the bytes say (tests/fixtures
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,18 +23,15 @@ from dingdifyd.dify.events import (
     parse_event,
 )
 from dingdifyd.dify.forms import HumanInputForm, parse_form, paused_blocking_answer
-from dingdifyd.dify.sse import SSEBlockSplitter, parse_block
+from tests.support.transcripts import DIFY_1_16_FIXTURES, chunks_of
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dify-1.16.1"
+FIXTURES = DIFY_1_16_FIXTURES
 ANSWER_TAIL = "This is a fake streamed answer from the local fake model."
 STREAMS = sorted(path.stem for path in FIXTURES.glob("*.sse"))
 
 
 def events_of(case: str) -> list[DifyEvent]:
-    splitter = SSEBlockSplitter()
-    raw = (FIXTURES / f"{case}.sse").read_bytes()
-    blocks = splitter.feed(raw) + splitter.flush()
-    return [parse_event(json.loads(m.data)) for block in blocks for m in parse_block(block)]
+    return [parse_event(chunk) for chunk in chunks_of((FIXTURES / f"{case}.sse").read_bytes())]
 
 
 def transcript_of(case: str) -> Transcript:

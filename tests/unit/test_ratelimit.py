@@ -3,18 +3,11 @@ from __future__ import annotations
 import pytest
 
 from dingdifyd.pacing.bucket import ExponentialBackoff, TokenBucket
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def test_first_call_goes_at_once_and_the_next_ones_are_spaced_one_slot_apart():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     bucket = TokenBucket(10.0, clock=clock)
     assert bucket.reserve() == 0.0
     assert bucket.reserve() == pytest.approx(0.1)
@@ -22,7 +15,7 @@ def test_first_call_goes_at_once_and_the_next_ones_are_spaced_one_slot_apart():
 
 
 def test_waiting_pays_back_the_debt():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     bucket = TokenBucket(10.0, clock=clock)
     for _ in range(3):
         bucket.reserve()
@@ -33,7 +26,7 @@ def test_waiting_pays_back_the_debt():
 
 
 def test_idle_time_saves_up_at_most_the_burst():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     bucket = TokenBucket(5.0, burst=3.0, clock=clock)
     clock.now += 60.0
     delays = [bucket.reserve() for _ in range(5)]
@@ -43,7 +36,7 @@ def test_idle_time_saves_up_at_most_the_burst():
 
 
 def test_try_acquire_does_not_go_into_debt():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     bucket = TokenBucket(2.0, clock=clock)
     assert bucket.try_acquire() is True
     assert bucket.try_acquire() is False
@@ -54,7 +47,7 @@ def test_try_acquire_does_not_go_into_debt():
 def test_no_one_second_window_gets_more_than_rate_plus_one_calls():
     """DingTalk refuses more than 20 calls/s per app and API: at 18/s with burst 1 a burst of 100 callers
     must never put 20 calls into one second."""
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     bucket = TokenBucket(18.0, clock=clock)
     start = clock.now
     send_times = sorted(start + bucket.reserve() for _ in range(100))
