@@ -440,18 +440,6 @@ def outside_code(text: str, transform: Callable[[str], str]) -> str:
     return "\n".join(pieces)
 
 
-def images_in(text: str) -> list[tuple[str, str]]:
-    """(alt, url) of every markdown image outside code, in order."""
-    found: list[tuple[str, str]] = []
-
-    def collect(chunk: str) -> str:
-        found.extend((m.group(1), m.group(2)) for m in _IMAGE.finditer(chunk))
-        return chunk
-
-    outside_code(text, collect)
-    return found
-
-
 def replace_images(text: str, replacement: Callable[[str, str], str]) -> str:
     """Replace each markdown image outside code by `replacement(alt, url)`."""
     return outside_code(text, lambda chunk: _IMAGE.sub(lambda m: replacement(m.group(1), m.group(2)), chunk))

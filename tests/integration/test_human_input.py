@@ -56,11 +56,6 @@ async def say(dingtalk: FakeDingTalk, text: str, *, who: str = "asker1", nick: s
     return await deliver(dingtalk, data)
 
 
-def the_form(dify: FakeDify):
-    (form,) = [f for f in dify.forms.values() if f.status == "waiting"]
-    return form
-
-
 @pytest.mark.parametrize("app_type", ["chatflow", "workflow"])
 async def test_the_asker_sees_the_form_and_answers_it_by_replying(tmp_path, dingtalk, dify, app_type):
     async with running_bot(config_for(tmp_path, dingtalk, dify, app_type)):

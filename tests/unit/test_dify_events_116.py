@@ -22,7 +22,7 @@ from dingdifyd.dify.events import (
     WorkflowPaused,
     parse_event,
 )
-from dingdifyd.dify.forms import HumanInputForm, parse_form, paused_blocking_answer
+from dingdifyd.dify.forms import HumanInputForm, parse_form
 from tests.support.transcripts import DIFY_1_16_FIXTURES, chunks_of
 
 FIXTURES = DIFY_1_16_FIXTURES
@@ -145,15 +145,6 @@ def test_a_form_survives_the_store() -> None:
     form = next(e for e in events_of("70-hitl-cf-stream-pause") if isinstance(e, HumanInputRequired)).form
     assert form is not None
     assert HumanInputForm.from_dict(json.loads(json.dumps(form.to_dict()))) == form
-
-
-@pytest.mark.parametrize("case", ["68-hitl-wf-blocking", "78-hitl-cf-blocking"])
-def test_a_blocking_answer_that_paused_is_recognised(case: str) -> None:
-    found = paused_blocking_answer(json_of(case))
-    assert found is not None
-    run_id, forms = found
-    assert run_id and forms[0].token == "REDACTED" and forms[0].actions[0].id == "approve"
-    assert paused_blocking_answer(json_of("142-llm-workflow-blocking")) is None
 
 
 def test_select_and_file_fields_parse() -> None:

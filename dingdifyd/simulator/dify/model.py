@@ -195,7 +195,6 @@ class Run:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sent: str = ""  # the text streamed so far
     tokens_sent: int = 0
-    stopped_elsewhere: bool = False  # stopped by someone else than the client (the Dify console, another host)
     node_log: list[dict[str, Any]] = field(default_factory=list)  # node events so far (the events route's snapshot)
     form: FakeForm | None = None  # the form it paused on
     resumed: bool = False

@@ -22,10 +22,6 @@ class RunEventsRoutes(WorkflowEvents):
     def _run_events_routes(self) -> list[web.RouteDef]:
         return [web.get("/v1/workflow/{run_id}/events", self._run_events)]
 
-    def subscribers(self, run_id: str) -> int:
-        """How many clients listen on the run's events route right now."""
-        return len(self._subscribers.get(run_id, ()))
-
     async def _run_events(self, request: web.Request) -> web.StreamResponse:
         app = self._app_of(request)
         self._record(request, app, None)

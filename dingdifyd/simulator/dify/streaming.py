@@ -34,7 +34,6 @@ class Outcome:
     CUT = "cut"
     END = "end"
     PAUSED = "paused"  # 1.x: a human input node waits; the stream closes after workflow_paused
-    INVALID = "invalid"  # 1.x: the inputs failed validation inside the stream
 
 
 class AnswerStream(DifyFiles):
@@ -55,8 +54,7 @@ class AnswerStream(DifyFiles):
         if run.fails_upstream and index == 0:
             return Outcome.ERROR
         if b.stopped_after is not None and b.stopped_after == index:
-            run.stopped_elsewhere = True  # the Dify console (or another host) stopped it
-            run.stop.set()
+            run.stop.set()  # the Dify console (or another host) stopped it
             return Outcome.STOPPED
         for outcome, after in (
             (Outcome.ERROR, b.error_after),
