@@ -77,6 +77,9 @@ class Generation(ChatApps, WorkflowApps):
         return await self._generate(request, "workflow")
 
     async def _generate(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        """One generation request: refused in the order Dify checks (key, body, user, route, arguments, the
+        concurrency limit, inputs, files; the recordings show which refusal wins), else run blocking or
+        streaming. One function, so that the order reads top to bottom."""
         body = await self._read_json(request)
         self._record(request, self._app_of(request), body)
         app = self._authenticate(request)

@@ -93,6 +93,8 @@ class WorkflowEvents(AnswerStream):
     def _node_finished(
         self, run: Run, node_id: str, *, failed: bool = False, outputs: dict[str, Any] | None = None
     ) -> dict[str, Any]:
+        """A node's `node_finished`: its inputs, process data and outputs per node kind, in 0.15.3's or 1.16.1's
+        shape. Kept whole, so that each kind's two shapes sit side by side."""
         inputs: dict[str, Any] | None = None
         process_data: dict[str, Any] | None = None
         metadata: dict[str, Any] | None = None
