@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 from dingdifyd.bridge.session import out_track_id  # noqa: E402
 from dingdifyd.dingtalk.stream import parse_incoming  # noqa: E402
 from dingdifyd.simulator.configfile import bot_entry, write_config  # noqa: E402
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify  # noqa: E402
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk  # noqa: E402
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify  # noqa: E402
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk  # noqa: E402
 
 CLIENT_SECRET = "bench-secret"
 DIFY_KEY = "app-fake-chatbot"

@@ -1,4 +1,4 @@
-"""Who the bot answers: the allow and deny lists of one bot, as a pure decision (DESIGN.md §2.3).
+"""Who the bot answers: the allow and deny lists of one bot, as a pure decision (docs/design.md#access).
 
 - `deny_users` / `deny_groups` always win.
 - 1:1 chats: everyone, or only `allow_users` when it is set.

@@ -1,9 +1,10 @@
 """Which files a DingTalk message carries, what the Dify app accepts, and where each file goes. Pure.
 
-DingTalk gives pictures, videos and files by `downloadCode` (protocols.md B.1); a rich-text message interleaves
-text and pictures. Dify takes uploaded files either in the request's `files` (chat, completion, and workflow
-`sys.files`) or in a file input variable a workflow declares (`file` / `file-list` in `user_input_form`), and
-only what `GET /parameters` allows: types, extensions, how many, how large (C.8, C.9).
+DingTalk gives pictures, videos and files by `downloadCode` (docs/dingtalk.md#robot-messages); a rich-text
+message interleaves text and pictures. Dify takes uploaded files either in the request's `files` (chat,
+completion, and workflow `sys.files`) or in a file input variable a workflow declares (`file` / `file-list` in
+`user_input_form`), and only what `GET /parameters` allows: types, extensions, how many, how large
+(docs/dify.md#files, docs/dify.md#app-info).
 """
 
 from __future__ import annotations

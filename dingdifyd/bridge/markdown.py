@@ -1,7 +1,7 @@
 """Dify answers made readable in DingTalk: reasoning (`<think>`) hidden or quoted, markdown reduced to what
 DingTalk's AI card renders. Pure functions over text; safe to call on every partial answer while it streams.
 
-What DingTalk's card does differently from CommonMark (reference/competitors.md §4.6): a single newline inside a
+What DingTalk's card does differently from CommonMark (docs/dingtalk.md#card-markdown): a single newline inside a
 paragraph is not a line break (only `<br>` is), tables are garbled, most HTML shows as raw tags, and consecutive
 quote lines only stay together when joined with `<br>`. Fenced code renders, and is never touched here.
 """
@@ -438,18 +438,6 @@ def outside_code(text: str, transform: Callable[[str], str]) -> str:
             protected, saved = _protect_inline_code(chunk)
             pieces.append(_restore(transform(protected), saved))
     return "\n".join(pieces)
-
-
-def images_in(text: str) -> list[tuple[str, str]]:
-    """(alt, url) of every markdown image outside code, in order."""
-    found: list[tuple[str, str]] = []
-
-    def collect(chunk: str) -> str:
-        found.extend((m.group(1), m.group(2)) for m in _IMAGE.finditer(chunk))
-        return chunk
-
-    outside_code(text, collect)
-    return found
 
 
 def replace_images(text: str, replacement: Callable[[str, str], str]) -> str:

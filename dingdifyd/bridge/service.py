@@ -1,8 +1,8 @@
 """The bridge: one incoming message in, one streamed answer out, exactly once, and never silence.
 
-Per message (DESIGN.md §2): claim it durably (a redelivery is dropped), handle chat commands, find the Dify
-conversation of its session, stream the answer into a card, remember the conversation, and on any failure end
-the card with a short readable message while the log gets the detail.
+Per message (docs/design.md#per-message): claim it durably (a redelivery is dropped), handle chat commands, find
+the Dify conversation of its session, stream the answer into a card, remember the conversation, and on any
+failure end the card with a short readable message while the log gets the detail.
 """
 
 from __future__ import annotations
@@ -146,7 +146,6 @@ class BridgeService:
         self.answered = 0
         self.failed = 0
         self.redeliveries = 0  # messages recognised as already claimed (here, by an earlier process, or a peer)
-        self.not_taken = 0  # deliveries the store could not claim (not ACKed: DingTalk delivers them again)
         self.handovers = 0  # answers left to other processes when this one's lease could not be renewed
 
     @property
@@ -202,7 +201,6 @@ class BridgeService:
     def _not_taken(self, message: IncomingMessage) -> None:
         """The store could not claim the message (the store logs the outage, once): it is not ACKed. Once the
         outage has lasted, its sender is told, once per message, not left waiting in silence."""
-        self.not_taken += 1
         self._not_taken_keys.add(session.message_key(message))
         now = self.clock()
         if self._store_failing_since is None:

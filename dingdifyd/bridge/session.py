@@ -1,4 +1,4 @@
-"""Who is talking, in which context: the pure rules for session keys and Dify user ids (DESIGN.md §2.4)."""
+"""Who is talking, in which context: the pure rules for session keys and Dify user ids (docs/design.md#sessions)."""
 
 from __future__ import annotations
 

@@ -92,10 +92,6 @@ class CardStreamer:
         rendering each token's version (markdown adaptation is linear in the text) would be quadratic."""
         self._render = render
 
-    @property
-    def card_open(self) -> bool:
-        return self._opened is True
-
     # --- what the bridge calls -------------------------------------------------------------------------
 
     async def open(self, *, already_exists_ok: bool = False) -> None:

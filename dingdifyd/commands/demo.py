@@ -20,10 +20,8 @@ from typing import TextIO
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator.configfile import bot_entry, write_config
-from dingdifyd.simulator.dify_dialect import DIFY_0_15, DIFY_1_16
-from dingdifyd.simulator.fake_dify import start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
-from dingdifyd.simulator.fake_hitl import HumanInputNode
+from dingdifyd.simulator.dify import DIFY_0_15, DIFY_1_16, HumanInputNode, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 
 CLIENT_ID = "dingdemo0000000000"
 CLIENT_SECRET = "demo-client-secret"

@@ -13,16 +13,13 @@ store keeps pending forms that way).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 PARAGRAPH = "paragraph"
-TEXT_INPUT = "text-input"  # older graphon versions name the one-line field so
-SELECT = "select"
 FILE = "file"
 FILE_LIST = "file-list"
-TEXT_TYPES = (PARAGRAPH, TEXT_INPUT)
 FILE_TYPES = (FILE, FILE_LIST)
 
 
@@ -37,10 +34,6 @@ class FormField:
     file_types: tuple[str, ...] = ()  # file / file-list: image, document, audio, video, custom
     file_extensions: tuple[str, ...] = ()
     max_files: int = 0  # file-list: 0 = no limit
-
-    @property
-    def is_text(self) -> bool:
-        return self.type in TEXT_TYPES
 
     @property
     def is_file(self) -> bool:
@@ -234,24 +227,3 @@ def _merge_field(old: FormField, new: FormField | None) -> FormField:
         options=new.options or old.options, file_types=new.file_types or old.file_types,
         file_extensions=new.file_extensions or old.file_extensions, max_files=new.max_files or old.max_files,
     )  # fmt: skip
-
-
-def paused_blocking_answer(body: Any) -> tuple[str, tuple[HumanInputForm, ...]] | None:
-    """A blocking answer that paused instead of answering: (workflow_run_id, forms), else None.
-
-    Workflow apps answer `{"task_id", "workflow_run_id", "data": {"status": "paused", "reasons": [...]}}` (68),
-    chatflows `{"event": "workflow_paused", ..., "data": {..., "reasons": [...]}}` (78)."""
-    if not isinstance(body, Mapping):
-        return None
-    data = body.get("data")
-    if not isinstance(data, Mapping):
-        return None
-    paused = data.get("status") == "paused" or body.get("event") == "workflow_paused"
-    if not paused:
-        return None
-    run_id = _str(body.get("workflow_run_id")) or _str(data.get("workflow_run_id"))
-    return run_id, forms_of_pause(data)
-
-
-def field_names(fields: Sequence[FormField]) -> list[str]:
-    return [f.name for f in fields]

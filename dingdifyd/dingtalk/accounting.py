@@ -77,7 +77,6 @@ class ApiAccounting:
         self._flushed_at = now()
         self.today = 0
         self.month = 0
-        self.since_start = 0
         self._pacing = NORMAL_PACING
         self._roll(now())
         log.info("DingTalk calls so far: %d today, %d this month%s", self.today, self.month, self._budget_note())
@@ -115,7 +114,6 @@ class ApiAccounting:
         """One call of `api` reached DingTalk."""
         moment = self._now()
         self._roll(moment)
-        self.since_start += 1
         self.today += 1
         self.month += 1
         self._unsaved += 1

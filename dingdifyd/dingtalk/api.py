@@ -457,7 +457,7 @@ class DingTalkApi:
         msg_param: Mapping[str, Any],
     ) -> None:
         """Any robot message template (`sampleImageMsg`, `sampleFile`, ...) to the chat a message came from:
-        a group by its openConversationId, a 1:1 chat by the person's staff id (protocols.md B.4)."""
+        a group by its openConversationId, a 1:1 chat by the person's staff id (docs/dingtalk.md#robot-send-api)."""
         param = json.dumps(dict(msg_param), ensure_ascii=False)
         if conversation_type == GROUP_CHAT:
             body: JsonDict = {"robotCode": robot_code, "openConversationId": conversation_id,

@@ -59,10 +59,6 @@ class AICard:
         self._closed = False
 
     @property
-    def builtin(self) -> bool:
-        return self._builtin
-
-    @property
     def closed(self) -> bool:
         """True once `finish` or `fail` went through: later calls do nothing."""
         return self._closed

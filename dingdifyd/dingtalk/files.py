@@ -1,5 +1,6 @@
 """The bridge's MessageFiles on DingTalk: the bytes of what a person sent, the media store, and image and file
-messages sent to the chat after the answer's card (protocols.md B.2, B.4)."""
+messages sent to the chat after the answer's card (docs/dingtalk.md#files-and-media,
+docs/dingtalk.md#robot-send-api)."""
 
 from __future__ import annotations
 

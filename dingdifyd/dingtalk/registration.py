@@ -1,7 +1,7 @@
 """DingTalk's QR-code app registration: a new robot app, created by an admin scanning a code with DingTalk.
 
 The flow (DingTalk's "一键创建钉钉应用扫码接入流程", as the official OpenClaw connector, LangBot and others use it;
-see the fake in simulator/fake_registration.py): `init` gives a one-time nonce, `begin` a device code and the
+see the fake in simulator/dingtalk/registration.py): `init` gives a one-time nonce, `begin` a device code and the
 URL to put in the QR code, and `poll` says WAITING until the admin agreed (SUCCESS, with the new app's client id
 and secret, once), refused (FAIL, with a reason) or let it lapse (EXPIRED). No access token: these calls are the
 way to get an app in the first place. Nothing here logs or raises text containing the device code or the secret.

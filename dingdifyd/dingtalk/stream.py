@@ -2,7 +2,7 @@
 
 The SDK (0.24.3) is used for what it does well: frame parsing, routing and building the ACKs. Its `start()`
 is replaced, because it blocks the loop (`requests`, no timeout), swallows cancellation, dies on an early
-error and sleeps a fixed 10 s between attempts (reference/protocols.md A.13). Here the ticket is fetched
+error and sleeps a fixed 10 s between attempts (docs/dingtalk.md#sdk-pitfalls). Here the ticket is fetched
 with aiohttp under a timeout, reconnects back off exponentially with jitter, a malformed frame is logged
 and skipped, and cancelling `run()` ends it at once.
 """
@@ -24,7 +24,7 @@ import dingtalk_stream
 import websockets
 
 # The SDK's `except (..., websockets.exceptions.ConnectionClosedError)` raises AttributeError unless this
-# submodule was imported before it runs (protocols.md A.13 #2): importing it here, with the SDK, is enough.
+# submodule was imported before it runs (docs/dingtalk.md#sdk-pitfalls, 3): importing it here, with the SDK, is enough.
 import websockets.exceptions
 from dingtalk_stream.version import VERSION_STRING
 

@@ -1,20 +1,20 @@
 """Structured fields for the journal: which bot, which message, which conversation, which event.
 
 A log call names its event with `extra=event("answered", ...)`; the lines of one message's handling carry its
-id and conversation without saying so, from `about_message()`, a context variable that asyncio copies into the
-tasks of that answer. The journal handler (logs/journal.py) turns these into `DINGDIFYD_*` fields and the event's
-`MESSAGE_ID`; the plain text handler ignores them, so a terminal shows the same lines as ever.
+id and conversation without saying so, from a context variable set in the answer's task (`message_context()`),
+which asyncio copies into the tasks it starts. The journal handler (logs/journal.py) turns these into
+`DINGDIFYD_*` fields and the event's `MESSAGE_ID`; the plain text handler ignores them, so a terminal shows the
+same lines as ever.
 
 `MESSAGE_ID`s are fixed for good: `journalctl MESSAGE_ID=...` queries and catalogs may rely on them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 RECORD_ATTRIBUTE = "dingdifyd_fields"  # where `event()` puts the fields on a LogRecord
@@ -72,16 +72,6 @@ def event(
     if msg_id:
         fields.update(message_fields(msg_id, conversation_id or ""))
     return {RECORD_ATTRIBUTE: fields}
-
-
-@contextlib.contextmanager
-def about_message(msg_id: str, conversation_id: str = "") -> Iterator[None]:
-    """Every line logged inside (and in the tasks started inside) is about this message."""
-    token = _message.set(message_fields(msg_id, conversation_id))
-    try:
-        yield
-    finally:
-        _message.reset(token)
 
 
 def message_context(msg_id: str, conversation_id: str = "") -> contextvars.Context:

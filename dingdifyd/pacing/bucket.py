@@ -12,9 +12,9 @@ from collections.abc import Callable
 class TokenBucket:
     """`rate` calls per second with bursts of at most `burst`.
 
-    `reserve()` hands out slots in order and may push the bucket into debt, so concurrent callers are
-    spread out one slot apart instead of all retrying at the same instant. A burst of 1 keeps any one-second
-    window at no more than `rate + 1` calls, which is what a fixed 20/s server-side limit needs.
+    `try_acquire()` takes a slot when one is free now, `wait_time()` says when the next one will be. A burst of
+    1 keeps any one-second window at no more than `rate + 1` calls, which is what a fixed 20/s server-side limit
+    needs.
     """
 
     def __init__(self, rate: float, *, burst: float = 1.0, clock: Callable[[], float] = time.monotonic):
@@ -33,14 +33,6 @@ class TokenBucket:
         self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
         self._updated = now
         return now
-
-    def reserve(self) -> float:
-        """Take one slot; return how many seconds the caller must wait before using it (0.0: go now)."""
-        self._refill()
-        self._tokens -= 1.0
-        if self._tokens >= 0:
-            return 0.0
-        return -self._tokens / self.rate
 
     def try_acquire(self) -> bool:
         """Take one slot only if it is available now."""

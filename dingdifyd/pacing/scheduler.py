@@ -219,7 +219,6 @@ class CardScheduler:
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._turns: set[asyncio.Task[None]] = set()
-        self.turns_taken = 0
         self.rate_limited = 0
 
     @property
@@ -263,7 +262,6 @@ class CardScheduler:
         except Exception:
             log.exception("a card's turn failed unexpectedly")
             outcome = TurnOutcome.FAILED
-        self.turns_taken += 1
         hold = self.policy.finished(card, outcome)
         if hold:
             self.rate_limited += 1

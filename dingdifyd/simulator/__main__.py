@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dingdifyd.simulator.control import PREFIX, control_routes
-from dingdifyd.simulator.dify_dialect import DIFY_0_15, VERSIONS
-from dingdifyd.simulator.fake_dify import MODES, FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import DIFY_0_15, MODES, VERSIONS, FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 
 log = logging.getLogger("dingdifyd.simulator")
 

@@ -16,8 +16,8 @@ from aiohttp import web
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeApp, FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify
+from dingdifyd.simulator.dingtalk import FakeApp, FakeCard, FakeDingTalk
 
 PREFIX = "/_sim"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

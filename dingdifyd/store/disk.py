@@ -102,10 +102,6 @@ class DiskStore:
         with contextlib.suppress(Exception):
             self._main._txn_id = None
 
-    @property
-    def failing(self) -> bool:
-        return self._failing_since is not None
-
     # --- Store protocol ----------------------------------------------------------------------------------
 
     def claim_message(self, message_key: str, record: InFlight | None = None) -> bool:

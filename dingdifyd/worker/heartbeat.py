@@ -1,4 +1,4 @@
-"""The child side of the supervisor protocol: what a forked bot process calls first, and its channel upward.
+"""The child side of the supervisor protocol: a bot process's channel upward, and its heartbeat.
 
 Messages are small tuples on a one-way `multiprocessing` pipe: `("connected",)`, `("heartbeat", in_flight)`
 or `("heartbeat", in_flight, stats)` (a dict: counters such as `dingtalk_calls_month`, the live `status` and
@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import random
 import select
 import struct
 import termios
@@ -23,24 +22,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from dingdifyd.supervisor import signals
-
 log = logging.getLogger(__name__)
 
 PROBLEM_MAX = 200  # characters of a "problem" message: a reason, not a log
-
-
-def child_bootstrap() -> None:
-    """Undo what fork inherited from the supervisor. Call it first in the child.
-
-    Resets signal handlers and the signal wakeup fd, and reseeds `random` (a forked child shares the parent's
-    RNG state, so siblings would draw the same jitter). The supervisor's own descriptors (its ends of every
-    child's pipe, its signal pipe) are closed by the supervisor's fork entry before the target runs: it is the
-    one that knows which they are, and closing them as Python objects avoids a later double close.
-    Idempotent.
-    """
-    signals.reset_in_child()
-    random.seed()
 
 
 def heartbeat_interval(heartbeat_timeout: float) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 from dingdifyd.config import BotConfig, DaemonConfig, Secret
 from dingdifyd.errors import EX_CONFIG
 from dingdifyd.logs import setup as logsetup
-from dingdifyd.worker.heartbeat import ParentChannel, child_bootstrap, heartbeat_loop
+from dingdifyd.worker.heartbeat import ParentChannel, heartbeat_loop
 
 BEAT = 0.1  # heartbeat interval; the tests use heartbeat_timeout 1 s
 HANG_AFTER = 0.3
@@ -28,7 +28,6 @@ IN_FLIGHT = 1  # each running target reports one conversation in flight
 
 
 def dispatch(bot: BotConfig, daemon: DaemonConfig, conn: Connection) -> None:
-    child_bootstrap()
     record(bot, "pids")
     kind = bot.name.split("-", 1)[0]
     channel = ParentChannel(conn)

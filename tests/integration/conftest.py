@@ -10,21 +10,17 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from dingdifyd.simulator.dify_dialect import VERSIONS
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET
+from dingdifyd.simulator.dify import VERSIONS, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
+from tests.integration.harness import fake_dingtalk
 
 
 @pytest.fixture
 async def dingtalk() -> AsyncIterator[FakeDingTalk]:
     """A fake DingTalk with the test app registered, at DingTalk's real 20 calls/s per API; no pings, no
     redelivery unless a test asks for one."""
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
+    async with fake_dingtalk() as fake:
+        yield fake
 
 
 @pytest.fixture

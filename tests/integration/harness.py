@@ -1,4 +1,5 @@
-"""Shared pieces for the end-to-end tests: config files pointing at the simulators, and a bot runtime in a task."""
+"""Shared pieces for the end-to-end tests: a fake DingTalk that knows the test app, config files pointing at the
+simulators, a bot runtime in a task, and messages sent as a person would send them."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dingdifyd import config
+from dingdifyd.bridge.session import out_track_id
+from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.simulator import configfile
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import ANSWER_TAIL, FakeDify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.worker.runtime import BotRuntime
 
 CLIENT_ID = "dingbridgetest"
@@ -22,6 +25,14 @@ TEMPLATE = "tpl-bridge.schema"
 def echo(query: str, dify: FakeDify | None = None) -> str:
     """The fake Dify's default answer to `query` (its model's words differ with the version)."""
     return f"Echo: {query} | {dify.answer_tail if dify is not None else ANSWER_TAIL}"
+
+
+def fake_dingtalk(**options: Any) -> FakeDingTalk:
+    """A fake DingTalk (not started: `async with` it) that knows the test app; no pings and no redelivery unless
+    `options` ask for them."""
+    fake = FakeDingTalk(**{"ping_interval": None, "redeliver_after": None, **options})
+    fake.register_app(CLIENT_ID, CLIENT_SECRET)
+    return fake
 
 
 def dify_key(app_type: str) -> str:
@@ -83,3 +94,39 @@ async def running_bot(config_path: Path, name: str = "helpdesk", **runtime_optio
         done, _ = await asyncio.wait({task}, timeout=30)
         assert task in done, "the bot did not stop"
         task.result()
+
+
+class Pushed(NamedTuple):
+    frame_id: str  # the Stream frame's messageId (its ACKs and deliveries are counted by it)
+    track: str  # the outTrackId of the message's card
+
+
+def push_data(dingtalk: FakeDingTalk, data: dict[str, Any], *, client_id: str = CLIENT_ID) -> Pushed:
+    """Send a robot message payload to the app's connection."""
+    message = parse_incoming(data)
+    assert message is not None
+    return Pushed(dingtalk.push_message(client_id, data), out_track_id(message))
+
+
+def push_text(dingtalk: FakeDingTalk, text: str, *, client_id: str = CLIENT_ID, **message: Any) -> Pushed:
+    """Send a text message as a person would; `message`: make_message's options (sender, group, ...)."""
+    return push_data(dingtalk, dingtalk.make_text_message(text, client_id=client_id, **message), client_id=client_id)
+
+
+def push(dingtalk: FakeDingTalk, text: str, *, client_id: str = CLIENT_ID, **message: Any) -> str:
+    """Send a text message as a person would; the outTrackId of its card."""
+    return push_text(dingtalk, text, client_id=client_id, **message).track
+
+
+async def deliver(
+    dingtalk: FakeDingTalk, data: dict[str, Any], *, client_id: str = CLIENT_ID, timeout: float = 20.0
+) -> FakeCard:
+    """Send a robot message payload; its card, once final."""
+    return await dingtalk.wait_card_final(push_data(dingtalk, data, client_id=client_id).track, timeout=timeout)
+
+
+async def ask(
+    dingtalk: FakeDingTalk, text: str, *, client_id: str = CLIENT_ID, timeout: float = 20.0, **message: Any
+) -> FakeCard:
+    """Send a text message as a person would; its card, once final."""
+    return await dingtalk.wait_card_final(push(dingtalk, text, client_id=client_id, **message), timeout=timeout)

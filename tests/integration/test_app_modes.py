@@ -14,8 +14,7 @@ from dingdifyd.bridge.session import out_track_id
 from dingdifyd.commands.doctor import doctor_main
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import EX_CONFIG, ConfigError
-from dingdifyd.simulator.dify_dialect import DIFY_1_16
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dify import DIFY_1_16, FakeDify, start_fake_dify
 from dingdifyd.worker.runtime import BotRuntime
 from tests.integration.harness import CLIENT_ID, bot_entry, echo, running_bot, write_config
 

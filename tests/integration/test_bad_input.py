@@ -18,10 +18,9 @@ from aiohttp import web
 from dingdifyd.bridge import intake
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.dify_dialect import VERSIONS
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import CHATBOT_TOPIC, FakeCard, FakeDingTalk
-from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, running_bot, write_config
+from dingdifyd.simulator.dify import VERSIONS, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import CHATBOT_TOPIC, FakeDingTalk
+from tests.integration.harness import CLIENT_ID, bot_entry, deliver, dify_key, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(90)
 WAIT = 20.0
@@ -43,11 +42,6 @@ def track_of(data: dict[str, Any]) -> str:
     return out_track_id(message)
 
 
-async def ask(dingtalk: FakeDingTalk, data: dict[str, Any]) -> FakeCard:
-    dingtalk.push_message(CLIENT_ID, data)
-    return await dingtalk.wait_card_final(track_of(data), WAIT)
-
-
 def crashes(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Log records that mean something escaped: tracebacks of ours, or asyncio's unretrieved exceptions."""
     return [
@@ -63,10 +57,10 @@ def crashes(caplog: pytest.LogCaptureFixture) -> list[str]:
 async def test_odd_messages_are_answered_clearly_and_the_bot_goes_on(tmp_path, dingtalk, dify, caplog):
     caplog.set_level(logging.INFO)
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)) as runtime:
-        unknown = await ask(dingtalk, dingtalk.make_message("unknownMsgType", sender_staff_id="u1"))
-        video = await ask(dingtalk, dingtalk.make_message("video", sender_staff_id="u2"))
-        quota = await ask(dingtalk, dingtalk.make_quota_exhausted_message(sender_staff_id="u3"))
-        huge = await ask(dingtalk, dingtalk.make_text_message("x" * 100_000, sender_staff_id="u4"))
+        unknown = await deliver(dingtalk, dingtalk.make_message("unknownMsgType", sender_staff_id="u1"))
+        video = await deliver(dingtalk, dingtalk.make_message("video", sender_staff_id="u2"))
+        quota = await deliver(dingtalk, dingtalk.make_quota_exhausted_message(sender_staff_id="u3"))
+        huge = await deliver(dingtalk, dingtalk.make_text_message("x" * 100_000, sender_staff_id="u4"))
         # JSON can carry what no UTF-8 encoder accepts (lone surrogates): it must not reach Dify, the card or
         # the store as such
         broken = dingtalk.make_text_message("placeholder", sender_staff_id="u5")
@@ -82,7 +76,7 @@ async def test_odd_messages_are_answered_clearly_and_the_bot_goes_on(tmp_path, d
         for key in ("senderStaffId", "senderId", "conversationId", "sessionWebhook"):
             orphan.pop(key)
         await dingtalk.wait_ack(dingtalk.push_message(CLIENT_ID, orphan), WAIT)
-        after = await ask(dingtalk, dingtalk.make_text_message("still there?", sender_staff_id="u6"))
+        after = await deliver(dingtalk, dingtalk.make_text_message("still there?", sender_staff_id="u6"))
         assert runtime.connected.is_set()
     for card in (unknown, video):
         assert card.final_content and not card.failed  # a plain word about what the bot can read
@@ -132,7 +126,7 @@ async def test_a_malformed_frame_is_acked_once_and_logged_once(tmp_path, dify, c
             assert ack.code == 200
             dingtalk.redeliver("malformed-1")  # should DingTalk send it again anyway, it is ACKed again, quietly
             await dingtalk.wait_for(lambda: len(dingtalk.acks_for("malformed-1")) >= 2, WAIT, "the second ACK")
-            card = await ask(dingtalk, dingtalk.make_text_message("still fine?"))
+            card = await deliver(dingtalk, dingtalk.make_text_message("still fine?"))
     assert dingtalk.deliveries("malformed-1") == 2  # the ACK stopped DingTalk's own redelivery
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "malformed-1" in r.getMessage()]
     assert len(warnings) == 1
@@ -241,7 +235,7 @@ async def test_random_and_malformed_frames_kill_nothing(tmp_path, dingtalk, dify
         for index in range(FRAME_CASES):
             assert dingtalk.push_raw(CLIENT_ID, fuzzed_frame(rng, dingtalk, index)) == 1
         # whatever those were, an ordinary message is answered
-        card = await ask(dingtalk, dingtalk.make_text_message("after the storm", sender_staff_id="calm"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("after the storm", sender_staff_id="calm"))
         assert runtime.bridge is not None
         await dingtalk.wait_for(lambda: runtime.bridge.in_flight == 0, WAIT, "every answer to end")
         assert runtime.connected.is_set()
@@ -355,7 +349,7 @@ async def test_malformed_dify_streams_end_every_card_and_the_bot_answers_afterwa
                 tracks.append(track_of(data))
                 dingtalk.push_message(CLIENT_ID, data)
             cards = [await dingtalk.wait_card_final(track, WAIT) for track in tracks]
-            after = await ask(dingtalk, dingtalk.make_text_message("hello", sender_staff_id="same-person"))
+            after = await deliver(dingtalk, dingtalk.make_text_message("hello", sender_staff_id="same-person"))
             assert runtime.bridge is not None
             await dingtalk.wait_for(lambda: runtime.bridge.in_flight == 0, WAIT, "every answer to end")
     finally:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from dingdifyd import config
 from dingdifyd.errors import EX_OK
-from dingdifyd.simulator.fake_dify import FakeDify
+from dingdifyd.simulator.dify import FakeDify
 from dingdifyd.worker.heartbeat import ParentChannel
 from dingdifyd.worker.runtime import BotRuntime
 from tests.integration.harness import bot_entry, write_config

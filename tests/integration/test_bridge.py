@@ -8,12 +8,10 @@ import logging
 
 import pytest
 
-from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
 from tests.integration.harness import (
     CLIENT_ID,
     CLIENT_SECRET,
+    ask,
     bot_entry,
     dify_key,
     echo,
@@ -28,15 +26,6 @@ pytestmark = pytest.mark.timeout(60)
 def dify(any_dify):
     """Each test of this module against each Dify version."""
     return any_dify
-
-
-async def ask(dingtalk: FakeDingTalk, text: str, **kwargs) -> FakeCard:
-    """Push a message as a person would send it and wait for its card to be final."""
-    data = dingtalk.make_text_message(text, **kwargs)
-    dingtalk.push_message(CLIENT_ID, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return await dingtalk.wait_card_final(out_track_id(message), timeout=20)
 
 
 async def test_one_to_one_answer_streams_into_a_card(tmp_path, dingtalk, dify):

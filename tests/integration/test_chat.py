@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from dingdifyd.commands.chat import PROMPT
-from dingdifyd.simulator.dify_dialect import VERSIONS
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import VERSIONS, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from tests.integration.harness import bot_entry, dify_key, write_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ import pytest
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, write_config
 
 INIT = Path(__file__).resolve().parents[2] / "packaging" / "container" / "dingdifyd-init"

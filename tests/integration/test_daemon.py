@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import API_BATCH_SEND, FakeCard, FakeDingTalk
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, write_config
+from dingdifyd.simulator.dify import ANSWER_TAIL, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import API_BATCH_SEND, FakeDingTalk
+from tests.integration.harness import CLIENT_SECRET, ask, dify_key, push_text, write_config
 
 pytestmark = pytest.mark.timeout(90)
 WAIT = 30.0
@@ -101,21 +99,8 @@ async def running_daemon(tmp_path: Path, dingtalk: FakeDingTalk, dify: FakeDify,
         notify.sock.close()
 
 
-def push(dingtalk: FakeDingTalk, text: str, **kwargs) -> tuple[str, str]:
-    """Send a message as a person would; returns (frame id, the card's outTrackId)."""
-    data = dingtalk.make_text_message(text, **kwargs)
-    message = parse_incoming(data)
-    assert message is not None
-    return dingtalk.push_message(CLIENT_ID, data), out_track_id(message)
-
-
-async def answer(dingtalk: FakeDingTalk, text: str, **kwargs) -> FakeCard:
-    _, track = push(dingtalk, text, **kwargs)
-    return await dingtalk.wait_card_final(track, timeout=WAIT)
-
-
 async def test_ready_then_answers(daemon, dingtalk):
-    card = await answer(dingtalk, "hello daemon")
+    card = await ask(dingtalk, "hello daemon", timeout=WAIT)
     assert "hello daemon" in card.final_content
     assert not card.failed
     status = await daemon.notify.wait_for("STATUS=")
@@ -123,9 +108,9 @@ async def test_ready_then_answers(daemon, dingtalk):
 
 
 async def test_a_killed_bot_process_is_replaced_and_finishes_what_it_was_answering(daemon, dingtalk, dify):
-    await answer(dingtalk, "first turn", sender_staff_id="u1")
+    await ask(dingtalk, "first turn", sender_staff_id="u1", timeout=WAIT)
     dify.next_request(dify_key("chatbot"), token_delay=0.3)  # long enough to be killed mid-answer
-    frame, track = push(dingtalk, "interrupted turn", sender_staff_id="u1")
+    frame, track = push_text(dingtalk, "interrupted turn", sender_staff_id="u1")
     await dingtalk.wait_for(lambda: track in dingtalk.cards and dingtalk.cards[track].timeline, WAIT, "first text")
     (victim,) = daemon.children()
     os.kill(victim, signal.SIGKILL)
@@ -139,7 +124,7 @@ async def test_a_killed_bot_process_is_replaced_and_finishes_what_it_was_answeri
     calls = len(dify.requests_to("/chat-messages"))
     dingtalk.redeliver(frame)
     await dingtalk.wait_for(lambda: len(dingtalk.acks_for(frame)) >= 2, WAIT, "the redelivery's ACK")
-    later = await answer(dingtalk, "after the crash", sender_staff_id="u1")
+    later = await ask(dingtalk, "after the crash", sender_staff_id="u1", timeout=WAIT)
     assert len(dify.requests_to("/chat-messages")) == calls + 1
     assert len([c for c in dingtalk.cards if c == track]) == 1
     # and the conversation went on across the crash
@@ -150,7 +135,7 @@ async def test_a_killed_bot_process_is_replaced_and_finishes_what_it_was_answeri
 
 async def test_sigterm_with_answers_in_flight_ends_every_card_and_exits_0(daemon, dingtalk, dify):
     dify.configure(dify_key("chatbot"), token_delay=0.5)  # answers outlive the 3 s stop bound
-    tracks = [push(dingtalk, f"long question {i}", sender_staff_id=f"user{i}")[1] for i in range(5)]
+    tracks = [push_text(dingtalk, f"long question {i}", sender_staff_id=f"user{i}")[1] for i in range(5)]
     await dingtalk.wait_for(lambda: all(t in dingtalk.cards and dingtalk.cards[t].timeline for t in tracks), WAIT,
                             "every card showing text")  # fmt: skip
     daemon.process.send_signal(signal.SIGTERM)
@@ -170,7 +155,7 @@ async def test_a_bot_killed_after_delivering_its_answer_does_not_answer_again(tm
     dify.configure(dify_key("chatbot"), message_file=True)  # a tool image, sent after the card (below)
     async with running_daemon(tmp_path, dingtalk, dify, image_delivery="message") as daemon:
         dingtalk.fail_next(API_BATCH_SEND, delay=60)  # the send after the card hangs: the bot is killed then
-        _, track = push(dingtalk, "draw me a cat", sender_staff_id="u7")
+        _, track = push_text(dingtalk, "draw me a cat", sender_staff_id="u7")
         card = await dingtalk.wait_card_final(track, timeout=WAIT)
         await dingtalk.wait_for(lambda: dingtalk.calls[API_BATCH_SEND] >= 1, WAIT, "the send after the card")
         (victim,) = daemon.children()

@@ -12,18 +12,15 @@ import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
 
 import pytest
 
-from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.cards import BUILTIN_TEMPLATE_ID
-from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator import fake_dingtalk as fd
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator import dingtalk as fd
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from dingdifyd.store.disk import DiskStore
-from tests.integration.harness import CLIENT_ID, dify_key, echo, running_bot, write_config
+from tests.integration.harness import CLIENT_ID, ask, dify_key, echo, push, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,19 +35,6 @@ async def dify() -> AsyncIterator[FakeDify]:
     fake.configure(dify_key("chatbot"), token_delay=0.005)
     yield fake
     await fake.close()
-
-
-def push(dingtalk: FakeDingTalk, text: str, **kwargs: Any) -> str:
-    """Send a message as a person would; returns its card's outTrackId."""
-    data = dingtalk.make_text_message(text, **kwargs)
-    message = parse_incoming(data)
-    assert message is not None
-    dingtalk.push_message(CLIENT_ID, data)
-    return out_track_id(message)
-
-
-async def ask(dingtalk: FakeDingTalk, text: str, **kwargs: Any) -> FakeCard:
-    return await dingtalk.wait_card_final(push(dingtalk, text, **kwargs), timeout=30)
 
 
 def card_calls(dingtalk: FakeDingTalk) -> int:
@@ -118,12 +102,12 @@ async def test_a_final_update_that_keeps_failing_goes_out_as_a_markdown_reply(tm
 async def test_call_counts_survive_a_restart(tmp_path, dingtalk, dify):
     path = write_config(tmp_path / "c.yaml", dingtalk, dify)
     async with running_bot(path) as runtime:
-        await ask(dingtalk, "before restart")
+        await ask(dingtalk, "before restart", timeout=30)
     first_run = card_calls(dingtalk)
     async with running_bot(path) as runtime:
         assert runtime.accounting is not None
         assert runtime.accounting.month == first_run
-        await ask(dingtalk, "after restart")
+        await ask(dingtalk, "after restart", timeout=30)
         # the card is final as soon as DingTalk has the call; the bot counts it once the answer comes back
         await dingtalk.wait_for(lambda: runtime.bridge.in_flight == 0, 10, "the answer to end")
         counted = runtime.accounting.stats()
@@ -134,7 +118,7 @@ async def test_a_used_budget_leaves_only_the_final_answer(tmp_path, dingtalk, di
     dify.configure(dify_key("chatbot"), token_delay=0.03)  # slow: without a budget it would update many times
     path = write_config(tmp_path / "c.yaml", dingtalk, dify, dingtalk_api_monthly_budget=1)
     async with running_bot(path):
-        card = await ask(dingtalk, "budget gone")
+        card = await ask(dingtalk, "budget gone", timeout=30)
     assert card.contents == [echo("budget gone")]  # creating it used the budget up: no text until the final
     assert warnings(caplog, "the monthly budget is used up")
 
@@ -146,7 +130,7 @@ async def test_a_nearly_used_budget_sends_the_first_text_and_the_final_answer_on
     store.incr(f"dingtalk-calls/month/{datetime.now():%Y-%m}", 960)  # 40 left: within the last 5 %
     store.close()
     async with running_bot(path):
-        card = await ask(dingtalk, "nearly gone")
+        card = await ask(dingtalk, "nearly gone", timeout=30)
     assert len(card.contents) == 2
     assert card.contents[-1] == echo("nearly gone")
 
@@ -158,8 +142,8 @@ async def test_a_nearly_used_budget_sends_the_first_text_and_the_final_answer_on
 async def test_a_refused_template_falls_back_to_the_builtin_card_template(tmp_path, dingtalk, dify, caplog, code):
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
         dingtalk.fail_next(fd.API_CREATE_AND_DELIVER, 1, status=400, code=code)
-        first = await ask(dingtalk, "first", sender_staff_id="u1")
-        second = await ask(dingtalk, "second", sender_staff_id="u2")
+        first = await ask(dingtalk, "first", sender_staff_id="u1", timeout=30)
+        second = await ask(dingtalk, "second", sender_staff_id="u2", timeout=30)
     for card, question in ((first, "first"), (second, "second")):
         assert card.template_id == BUILTIN_TEMPLATE_ID
         assert card.flow_status == "3"

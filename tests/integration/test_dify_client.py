@@ -35,7 +35,7 @@ from dingdifyd.errors import (
     DifyTimeout,
     DifyUnavailable,
 )
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify
+from dingdifyd.simulator.dify import ANSWER_TAIL, FakeDify
 
 APP_TYPES = ["chatbot", "agent", "chatflow", "workflow", "completion"]
 MODE_OF = {

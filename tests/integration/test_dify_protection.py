@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 
 from dingdifyd.bridge.service import QUEUED
-from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyOverloaded
 from dingdifyd.pacing.circuit import CircuitSettings, CircuitState
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.store.slots import SqliteSlots
-from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
+from tests.integration.harness import bot_entry, dify_key, echo, push, running_bot, write_config
 from tests.integration.redis_server import redis_server
 
 pytestmark = pytest.mark.timeout(90)
@@ -33,14 +31,6 @@ async def dify() -> AsyncIterator[FakeDify]:
     fake.configure(dify_key("chatbot"), token_delay=0.02, slow_token_delay=0.1)
     yield fake
     await fake.close()
-
-
-def push(dingtalk: FakeDingTalk, text: str, client_id: str = CLIENT_ID, **kwargs) -> str:
-    data = dingtalk.make_text_message(text, client_id=client_id, **kwargs)
-    message = parse_incoming(data)
-    assert message is not None
-    dingtalk.push_message(client_id, data)
-    return out_track_id(message)
 
 
 async def finals(dingtalk: FakeDingTalk, tracks: list[str]) -> list[FakeCard]:

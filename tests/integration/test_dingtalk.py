@@ -19,8 +19,8 @@ from dingdifyd.dingtalk.cards import BUILTIN_TEMPLATE_ID, AICard
 from dingdifyd.dingtalk.stream import StreamConnection, parse_incoming
 from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
 from dingdifyd.models import IncomingMessage
-from dingdifyd.simulator import fake_dingtalk as fd
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator import dingtalk as fd
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 
 pytestmark = pytest.mark.timeout(30)
 

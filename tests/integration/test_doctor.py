@@ -15,20 +15,24 @@ import pytest
 from dingdifyd import config
 from dingdifyd.commands.doctor import doctor_main
 from dingdifyd.errors import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, TEMPLATE, bot_entry, dify_key, write_config
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
+from tests.integration.harness import (
+    CLIENT_ID,
+    TEMPLATE,
+    bot_entry,
+    dify_key,
+    fake_dingtalk,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
 async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None, templates={TEMPLATE})
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
+    async with fake_dingtalk(templates={TEMPLATE}) as fake:
+        yield fake
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -15,11 +15,12 @@ import pytest
 
 from dingdifyd.config import Secret
 from dingdifyd.dify.client import DifyClient
-from dingdifyd.dify.sse import SSEBlockSplitter, parse_block
 from dingdifyd.errors import DifyStreamCut
-from dingdifyd.simulator.fake_dify import FakeDify, running_fake_dify, start_fake_dify
+from dingdifyd.simulator.dify import FakeDify, running_fake_dify, start_fake_dify
+from tests.support.transcripts import DIFY_0_15_FIXTURES, chunks_of, recorded_answer, shape
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dify"
+FIXTURES = DIFY_0_15_FIXTURES
+recorded = partial(recorded_answer, FIXTURES)
 RECORDED_KEY = "app-REDACTEDREDACTEDREDACT"
 KEYS = {mode: f"app-fake-{mode}" for mode in ("chat", "agent-chat", "advanced-chat", "workflow", "completion")}
 MODE_OF_TYPE = {
@@ -75,12 +76,6 @@ async def replay(
         return response.status, dict(response.headers), await response.read()
 
 
-def recorded(case: str) -> tuple[int, bytes]:
-    status = int((FIXTURES / f"{case}.headers").read_text().split()[1])
-    body_file = next(FIXTURES.glob(f"{case}.json"), None) or FIXTURES / f"{case}.sse"
-    return status, body_file.read_bytes()
-
-
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _VARYING = re.compile(rb'"(created_at|finished_at|latency|elapsed_time|sequence_number)": [0-9.eE-]+')
 
@@ -88,21 +83,6 @@ _VARYING = re.compile(rb'"(created_at|finished_at|latency|elapsed_time|sequence_
 def normalized(raw: bytes) -> bytes:
     """Ids, timestamps and timings differ from run to run; everything else must not."""
     return _VARYING.sub(rb'"\1": 0', _UUID.sub(b"<uuid>", raw))
-
-
-def chunks_of(raw: bytes) -> list[dict[str, Any]]:
-    splitter = SSEBlockSplitter()
-    blocks = splitter.feed(raw) + splitter.flush()
-    return [json.loads(message.data) for block in blocks for message in parse_block(block)]
-
-
-def shape(value: Any) -> Any:
-    """The keys of every object, in order, recursively; values are ignored."""
-    if isinstance(value, dict):
-        return [(key, shape(item)) for key, item in value.items()]
-    if isinstance(value, list):
-        return [shape(item) for item in value[:1]]
-    return None
 
 
 # --- byte for byte ----------------------------------------------------------------------------------------

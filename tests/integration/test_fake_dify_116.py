@@ -8,20 +8,19 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import aiohttp
 import pytest
 
-from dingdifyd.dify.sse import SSEBlockSplitter, parse_block
-from dingdifyd.simulator.dify_dialect import DIFY_1_16
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_hitl import HumanInputNode
+from dingdifyd.simulator.dify import DIFY_1_16, FakeDify, HumanInputNode
+from tests.support.transcripts import DIFY_1_16_FIXTURES, chunks_of, recorded_answer, shape
 
 pytestmark = pytest.mark.timeout(30)
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dify-1.16.1"
+FIXTURES = DIFY_1_16_FIXTURES
+recorded = partial(recorded_answer, FIXTURES)
 RECORDED_KEY = "app-REDACTED"
 USER = "alice"
 CAPTURE = "dingdifyd 1.x capture"
@@ -133,27 +132,6 @@ async def replay(
         body = json.dumps({**json.loads(body), **body_changes}).encode()
     async with session.request(method, fake.base_url + (path or recorded_path), data=body, headers=headers) as r:
         return r.status, dict(r.headers), await r.read()
-
-
-def recorded(case: str) -> tuple[int, bytes]:
-    status = int((FIXTURES / f"{case}.headers").read_text().split()[1])
-    body_file = next(FIXTURES.glob(f"{case}.json"), None) or FIXTURES / f"{case}.sse"
-    return status, body_file.read_bytes()
-
-
-def chunks_of(raw: bytes) -> list[dict[str, Any]]:
-    splitter = SSEBlockSplitter()
-    blocks = splitter.feed(raw) + splitter.flush()
-    return [json.loads(message.data) for block in blocks for message in parse_block(block)]
-
-
-def shape(value: Any) -> Any:
-    """The keys of every object, in order, recursively; values are ignored."""
-    if isinstance(value, dict):
-        return [(k, shape(v)) for k, v in value.items()]
-    if isinstance(value, list):
-        return [shape(item) for item in value[:1]]
-    return None
 
 
 def sequence(chunks: list[dict[str, Any]]) -> list[str]:

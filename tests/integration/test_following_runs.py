@@ -17,11 +17,11 @@ from dingdifyd.bridge import session
 from dingdifyd.bridge.session import message_key, out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyStreamCut, DifyTimeout
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from dingdifyd.store.base import InFlight
 from dingdifyd.store.disk import DiskStore
-from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
+from tests.integration.harness import bot_entry, dify_key, echo, push, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,14 +29,6 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def dify(any_dify: FakeDify) -> FakeDify:
     return any_dify
-
-
-def push(dingtalk: FakeDingTalk, text: str) -> str:
-    data = dingtalk.make_text_message(text)
-    dingtalk.push_message(CLIENT_ID, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return out_track_id(message)
 
 
 def config_for(tmp_path, dingtalk: FakeDingTalk, dify: FakeDify, app_type: str, **top: Any):

@@ -12,14 +12,20 @@ import aiohttp
 import pytest
 
 from dingdifyd.bridge import forms
-from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.dify_dialect import DIFY_1_16
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
-from dingdifyd.simulator.fake_hitl import HumanInputNode, action, file_input, paragraph, select
+from dingdifyd.simulator.dify import (
+    DIFY_1_16,
+    FakeDify,
+    HumanInputNode,
+    action,
+    file_input,
+    paragraph,
+    select,
+    start_fake_dify,
+)
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.store.disk import DiskStore
-from tests.integration.harness import CLIENT_ID, bot_entry, echo, running_bot, write_config
+from tests.integration.harness import bot_entry, deliver, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,18 +54,6 @@ async def say(dingtalk: FakeDingTalk, text: str, *, who: str = "asker1", nick: s
     """A person writes to the robot; their message's card, once final."""
     data = dingtalk.make_text_message(text, sender_staff_id=who, sender_nick=nick, **kwargs)
     return await deliver(dingtalk, data)
-
-
-async def deliver(dingtalk: FakeDingTalk, data: dict[str, Any]) -> FakeCard:
-    dingtalk.push_message(CLIENT_ID, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return await dingtalk.wait_card_final(out_track_id(message), timeout=20)
-
-
-def the_form(dify: FakeDify):
-    (form,) = [f for f in dify.forms.values() if f.status == "waiting"]
-    return form
 
 
 @pytest.mark.parametrize("app_type", ["chatflow", "workflow"])

@@ -11,16 +11,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dingdifyd.bridge.session import out_track_id
 from dingdifyd.config import Secret
 from dingdifyd.dify.client import DifyClient, DifyTimeouts
 from dingdifyd.dify.events import DifyEvent, TextDelta, TextReplace, WorkflowFinished
 from dingdifyd.dify.guarded import GuardedAnswers, PollSchedule, run_outputs
-from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyError, DifyStreamCut, DifyTimeout, DifyTotalTimeout
-from dingdifyd.simulator.fake_dify import ANSWER_TAIL, FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, bot_entry, running_bot, write_config
+from dingdifyd.simulator.dify import ANSWER_TAIL, FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
+from tests.integration.harness import bot_entry, push, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -192,26 +190,9 @@ async def test_a_completed_answer_is_never_stopped(fake, session):
 # --- end to end: a bot between the fake DingTalk and the fake Dify ------------------------------------------
 
 
-@pytest.fixture
-async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None)
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
 def bot_config(tmp_path, dingtalk: FakeDingTalk, fake: FakeDify, app_type: str, **top: Any):
     return write_config(tmp_path / "c.yaml", dingtalk, fake,
                         bots=[bot_entry(app_type=app_type, dify_key=key_of(app_type))], **top)  # fmt: skip
-
-
-def push(dingtalk: FakeDingTalk, text: str) -> str:
-    data = dingtalk.make_text_message(text)
-    message = parse_incoming(data)
-    assert message is not None
-    dingtalk.push_message(CLIENT_ID, data)
-    return out_track_id(message)
 
 
 async def test_a_bot_finishes_a_cut_workflow_answer_in_its_card(tmp_path, dingtalk, fake):

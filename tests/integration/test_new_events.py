@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import MODERATED_ANSWER, REASONING, FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
-from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
+from dingdifyd.simulator.dify import MODERATED_ANSWER, REASONING, FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
+from tests.integration.harness import ask, bot_entry, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,14 +19,6 @@ PROGRESS_LATENCY = 1.0  # the model's silence before its first word: the step li
 @pytest.fixture
 def dify(any_dify: FakeDify) -> FakeDify:
     return any_dify
-
-
-async def ask(dingtalk: FakeDingTalk, text: str) -> FakeCard:
-    data = dingtalk.make_text_message(text)
-    dingtalk.push_message(CLIENT_ID, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return await dingtalk.wait_card_final(out_track_id(message), timeout=20)
 
 
 def config_for(tmp_path, dingtalk: FakeDingTalk, dify: FakeDify, app_type: str, **options):

@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import CLIENT_SECRET, bot_entry, write_config
-from tests.integration.test_daemon import WAIT, AsyncNotifySocket, Daemon, answer
+from tests.integration.harness import CLIENT_SECRET, ask, bot_entry, write_config
+from tests.integration.test_daemon import WAIT, AsyncNotifySocket, Daemon
 
 pytestmark = pytest.mark.timeout(120)
 T = TypeVar("T")
@@ -102,7 +102,7 @@ async def status_json(config: Path) -> dict[str, Any]:
 
 
 async def test_status_shows_each_bot_live(daemon, dingtalk, config, tmp_path):
-    await answer(dingtalk, "hello status")
+    await ask(dingtalk, "hello status", timeout=WAIT)
 
     async def answered() -> dict[str, Any] | None:
         bots = await status_json(config)
@@ -160,7 +160,7 @@ def value(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 
 async def test_metrics_add_up_every_process_of_a_bot(daemon, dingtalk, port):
-    await answer(dingtalk, "first")
+    await ask(dingtalk, "first", timeout=WAIT)
 
     async def counted(expected: float) -> dict[Any, float] | None:
         status, content_type, text = await scrape(port)
@@ -188,7 +188,7 @@ async def test_metrics_add_up_every_process_of_a_bot(daemon, dingtalk, port):
     [victim] = daemon.children()
     os.kill(victim, signal.SIGKILL)
     await daemon.wait_children(exclude={victim})
-    await answer(dingtalk, "second", sender_staff_id="someone-else")
+    await ask(dingtalk, "second", sender_staff_id="someone-else", timeout=WAIT)
     metrics = await eventually(lambda: counted(2), "both answers in the metrics")
     assert value(metrics, "dingdifyd_bot_restarts_total", bot="helpdesk") == 1
     assert value(metrics, "dingdifyd_answer_seconds_count", bot="helpdesk") == 2

@@ -14,12 +14,18 @@ import aiohttp
 import pytest
 
 from dingdifyd import config
-from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeCard, FakeDingTalk
 from dingdifyd.worker.runtime import BotRuntime
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot, write_config
+from tests.integration.harness import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    dify_key,
+    fake_dingtalk,
+    push_text,
+    running_bot,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(60)
 WAIT = 20.0
@@ -31,13 +37,6 @@ async def dify() -> AsyncIterator[FakeDify]:
     fake.configure(dify_key("chatbot"), token_delay=0.002, slow_token_delay=0.05)  # "slow": 40 words, ~2 s
     yield fake
     await fake.close()
-
-
-def push(dingtalk: FakeDingTalk, text: str, **kwargs) -> tuple[str, str]:
-    data = dingtalk.make_text_message(text, **kwargs)
-    message = parse_incoming(data)
-    assert message is not None
-    return dingtalk.push_message(CLIENT_ID, data), out_track_id(message)
 
 
 async def first_text(dingtalk: FakeDingTalk, track: str) -> FakeCard:
@@ -52,7 +51,7 @@ async def test_an_answer_in_flight_survives_a_lost_connection_and_new_messages_f
     dingtalk.add_card_listener(lambda card: updates_while_away.append(len(card.timeline))
                                if dingtalk.connection_count(CLIENT_ID) == 0 else None)  # fmt: skip
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)) as runtime:
-        _, long_track = push(dingtalk, "a slow question", sender_staff_id="u1")
+        _, long_track = push_text(dingtalk, "a slow question", sender_staff_id="u1")
         await first_text(dingtalk, long_track)
         if how == "dropped":
             assert dingtalk.drop_connections(CLIENT_ID) == 1
@@ -60,9 +59,9 @@ async def test_an_answer_in_flight_survives_a_lost_connection_and_new_messages_f
             dingtalk.push_disconnect(CLIENT_ID)
         await dingtalk.wait_for(lambda: dingtalk.connection_count(CLIENT_ID) == 0, WAIT, "the connection to go")
         # a message written while the bot is away is kept by DingTalk and delivered after the reconnect
-        _, away_track = push(dingtalk, "written while away", sender_staff_id="u2")
+        _, away_track = push_text(dingtalk, "written while away", sender_staff_id="u2")
         await dingtalk.wait_for(lambda: dingtalk.connection_count(CLIENT_ID) == 1, WAIT, "the reconnect")
-        _, after_track = push(dingtalk, "written after", sender_staff_id="u3")
+        _, after_track = push_text(dingtalk, "written after", sender_staff_id="u3")
         long_card = await dingtalk.wait_card_final(long_track, WAIT)
         away_card = await dingtalk.wait_card_final(away_track, WAIT)
         after_card = await dingtalk.wait_card_final(after_track, WAIT)
@@ -80,8 +79,7 @@ async def test_an_answer_in_flight_survives_a_lost_connection_and_new_messages_f
 async def test_a_consumer_that_takes_messages_and_does_not_acknowledge_them_is_noticed(tmp_path, dify, caplog):
     caplog.set_level(logging.INFO, logger="dingdifyd")
     # a seeded choice of connection: reproducible; DingTalk redelivers what is not ACKed (here after 0.3 s)
-    dingtalk = FakeDingTalk(ping_interval=None, redeliver_after=0.3, rng=random.Random(7))
-    dingtalk.register_app(CLIENT_ID, CLIENT_SECRET)
+    dingtalk = fake_dingtalk(redeliver_after=0.3, rng=random.Random(7))
     await dingtalk.start()
     try:
         loaded = config.load(write_config(tmp_path / "c.yaml", dingtalk, dify), environ={})
@@ -90,7 +88,7 @@ async def test_a_consumer_that_takes_messages_and_does_not_acknowledge_them_is_n
         await asyncio.wait_for(runtime.connected.wait(), WAIT)
         async with aiohttp.ClientSession() as http, await stale_consumer(http, dingtalk) as stale:
             await dingtalk.wait_connections(2, CLIENT_ID)
-            tracks = [push(dingtalk, f"question {i}", sender_staff_id=f"user{i}")[1] for i in range(8)]
+            tracks = [push_text(dingtalk, f"question {i}", sender_staff_id=f"user{i}")[1] for i in range(8)]
             cards = [await dingtalk.wait_card_final(track, WAIT) for track in tracks]
             stolen = await stale.received()
         runtime.request_stop()

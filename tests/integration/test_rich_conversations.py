@@ -11,14 +11,11 @@ import sys
 import pytest
 
 from dingdifyd import config
-from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import ConfigError
-from dingdifyd.simulator.dify_dialect import DIFY_0_15
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
+from dingdifyd.simulator.dify import DIFY_0_15, FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeCard
 from dingdifyd.worker.runtime import BotRuntime
-from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
+from tests.integration.harness import CLIENT_ID, ask, bot_entry, dify_key, echo, push, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,19 +28,6 @@ def dify(any_dify):
 
 # the fake model's silence before its first text: long enough for the step line to show (after 0.5 s)
 PROGRESS_LATENCY = 1.0
-
-
-def push(dingtalk: FakeDingTalk, text: str, **kwargs) -> str:
-    """Push a message as a person would send it; the outTrackId of its card."""
-    data = dingtalk.make_text_message(text, **kwargs)
-    dingtalk.push_message(CLIENT_ID, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return out_track_id(message)
-
-
-async def ask(dingtalk: FakeDingTalk, text: str, **kwargs) -> FakeCard:
-    return await dingtalk.wait_card_final(push(dingtalk, text, **kwargs), timeout=20)
 
 
 def first_index(card: FakeCard, predicate) -> int:

@@ -14,17 +14,13 @@ import pytest
 from aiohttp import web
 
 from dingdifyd.bridge.media import IMAGES_LEFT_OUT, MAX_IMAGES_PER_ANSWER, MAX_TRANSFERS
-from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import TOOL_IMAGE, FakeDify
-from dingdifyd.simulator.fake_dingtalk import (
+from dingdifyd.simulator.dify import TOOL_IMAGE, FakeDify
+from dingdifyd.simulator.dingtalk import (
     API_BATCH_SEND,
     API_GROUP_SEND,
     SAMPLE_PNG,
-    FakeCard,
-    FakeDingTalk,
 )
-from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, echo, running_bot, write_config
+from tests.integration.harness import bot_entry, deliver, dify_key, echo, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,13 +32,6 @@ def dify(any_dify):
 
 
 OTHER_PNG = SAMPLE_PNG[:-12] + b"\x00" * 4 + SAMPLE_PNG[-8:]  # different bytes, still a PNG by its header
-
-
-async def send(dingtalk: FakeDingTalk, data: dict[str, Any]) -> FakeCard:
-    dingtalk.push_message(CLIENT_ID, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return await dingtalk.wait_card_final(out_track_id(message), timeout=20)
 
 
 def chat_bodies(dify: FakeDify, path: str = "/chat-messages") -> list[dict[str, Any]]:
@@ -58,7 +47,7 @@ def uploads_in_order(dify: FakeDify, files: list[dict[str, Any]]) -> list[bytes]
 
 async def test_a_picture_without_text_is_asked_about_with_the_default_query(tmp_path, dingtalk, dify):
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        card = await send(dingtalk, dingtalk.make_message("picture", sender_staff_id="staff7"))
+        card = await deliver(dingtalk, dingtalk.make_message("picture", sender_staff_id="staff7"))
     (body,) = chat_bodies(dify)
     assert body["query"] == "Please describe this picture."
     (file,) = body["files"]
@@ -79,8 +68,8 @@ async def test_rich_text_keeps_its_text_and_the_order_of_its_pictures(tmp_path, 
         {"pictureDownloadCode": "p2", "downloadCode": second, "type": "picture"},
     ]
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        await send(dingtalk, dingtalk.make_message("richText", content={"richText": rich}))
-        await send(dingtalk, dingtalk.make_message("richText", text="What is in it?"))  # one picture
+        await deliver(dingtalk, dingtalk.make_message("richText", content={"richText": rich}))
+        await deliver(dingtalk, dingtalk.make_message("richText", text="What is in it?"))  # one picture
     several, one = chat_bodies(dify)
     assert several["query"] == "Compare this one:\n[image 1]\nwith this one.\n[image 2]"
     assert uploads_in_order(dify, several["files"]) == [SAMPLE_PNG, OTHER_PNG]
@@ -90,8 +79,8 @@ async def test_rich_text_keeps_its_text_and_the_order_of_its_pictures(tmp_path, 
 
 async def test_a_file_goes_as_a_document_and_voice_as_its_recognised_text(tmp_path, dingtalk, dify):
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        file_card = await send(dingtalk, dingtalk.make_message("file"))
-        voice_card = await send(dingtalk, dingtalk.make_message("audio", text="明天北京天气怎么样"))
+        file_card = await deliver(dingtalk, dingtalk.make_message("file"))
+        voice_card = await deliver(dingtalk, dingtalk.make_message("audio", text="明天北京天气怎么样"))
     file_body, voice_body = chat_bodies(dify)
     assert file_body["query"] == "Please read the attached file."
     (file,) = file_body["files"]
@@ -108,10 +97,10 @@ async def test_a_file_goes_as_a_document_and_voice_as_its_recognised_text(tmp_pa
 async def test_files_the_app_does_not_take_get_a_clear_reply(tmp_path, dingtalk, dify):
     dify.apps[dify_key("chatbot")].file_upload = False
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        rich = await send(dingtalk, dingtalk.make_message("richText", text="Look at this"))
+        rich = await deliver(dingtalk, dingtalk.make_message("richText", text="Look at this"))
         asked = len(dify.requests_to("/parameters"))
-        picture = await send(dingtalk, dingtalk.make_message("picture"))
-        video = await send(dingtalk, dingtalk.make_message("video"))
+        picture = await deliver(dingtalk, dingtalk.make_message("picture"))
+        video = await deliver(dingtalk, dingtalk.make_message("video"))
     assert picture.final_content == "This app does not accept files or pictures, so the picture was not passed on."
     assert video.final_content == "This app does not accept files or pictures, so the video was not passed on."
     assert not picture.failed
@@ -128,7 +117,7 @@ async def test_files_the_app_does_not_take_get_a_clear_reply(tmp_path, dingtalk,
 
 async def test_a_video_refused_by_type_names_what_the_app_accepts(tmp_path, dingtalk, dify):
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        card = await send(dingtalk, dingtalk.make_message("video"))
+        card = await deliver(dingtalk, dingtalk.make_message("video"))
     assert card.final_content == (
         "This app does not accept videos (the video was not passed on); it accepts pictures and documents."
     )
@@ -146,7 +135,7 @@ async def test_a_workflow_gets_the_file_in_its_file_input(tmp_path, dingtalk, di
     ]
     config = write_config(tmp_path / "c.yaml", dingtalk, dify, bots=[bot_entry(app_type="workflow")])
     async with running_bot(config):
-        card = await send(dingtalk, dingtalk.make_message("file"))
+        card = await deliver(dingtalk, dingtalk.make_message("file"))
     (body,) = chat_bodies(dify, "/workflows/run")
     doc = body["inputs"]["doc"]
     assert doc["type"] == "document" and doc["transfer_method"] == "local_file"  # transcript 83's shape
@@ -162,7 +151,7 @@ async def test_a_workflow_gets_the_file_in_its_file_input(tmp_path, dingtalk, di
 async def test_a_tool_image_from_dify_shows_in_the_card_as_dingtalk_media(tmp_path, dingtalk, dify):
     dify.configure(dify_key("chatbot"), message_file=True)
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        card = await send(dingtalk, dingtalk.make_text_message("draw a cat"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("draw a cat"))
     (media,) = dingtalk.uploaded_media
     assert media.data == TOOL_IMAGE and media.media_type == "image"
     assert card.final_content == echo("draw a cat", dify) + f"\n\n![image]({media.media_id})"
@@ -173,7 +162,7 @@ async def test_a_markdown_image_with_a_relative_dify_url_reaches_dingtalk(tmp_pa
     answer = f"Here is the chart:\n\n![sales chart]({url})\n\nSales grew 12%."
     dify.configure(dify_key("chatbot"), answer=answer)
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        card = await send(dingtalk, dingtalk.make_text_message("chart please"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("chart please"))
     (media,) = dingtalk.uploaded_media
     assert media.data == SAMPLE_PNG and media.filename.endswith(".png")
     assert card.final_content == f"Here is the chart:\n\n![sales chart]({media.media_id})\n\nSales grew 12%."
@@ -185,7 +174,7 @@ async def test_images_can_go_as_image_messages_after_the_card(tmp_path, dingtalk
     dify.configure(dify_key("chatbot"), message_file=True)
     config = write_config(tmp_path / "c.yaml", dingtalk, dify, image_delivery="message")
     async with running_bot(config):
-        card = await send(dingtalk, dingtalk.make_text_message("draw a dog", group=True, conversation_id="cidG=="))
+        card = await deliver(dingtalk, dingtalk.make_text_message("draw a dog", group=True, conversation_id="cidG=="))
         sent = await dingtalk.wait_for(lambda: dingtalk.sent_messages, what="the image message")
     assert card.final_content == echo("draw a dog", dify)
     (message,) = sent
@@ -201,7 +190,7 @@ async def test_a_workflow_file_output_is_sent_as_a_file_after_the_card(tmp_path,
                                   mime_type="application/pdf")
     config = write_config(tmp_path / "c.yaml", dingtalk, dify, bots=[bot_entry(app_type="workflow")])
     async with running_bot(config):
-        card = await send(dingtalk, dingtalk.make_text_message("make the report", sender_staff_id="staff9"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("make the report", sender_staff_id="staff9"))
         sent = await dingtalk.wait_for(lambda: dingtalk.sent_messages, what="the file message")
     assert card.final_content == echo("make the report", dify)
     (media,) = dingtalk.uploaded_media
@@ -223,7 +212,7 @@ async def test_reasoning_never_shows_and_the_answer_is_adapted(tmp_path, dingtal
     )
     dify.configure(dify_key("chatbot"), answer=answer)
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        card = await send(dingtalk, dingtalk.make_text_message("compare"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("compare"))
     assert card.final_content == "Comparison:\n\n- **Basic**: free\n- **Pro**: ¥99\n\nLine one<br>Line two"
     assert len(card.contents) >= 2
     assert not any("user wants" in content or "think>" in content for content in card.contents)
@@ -232,7 +221,7 @@ async def test_reasoning_never_shows_and_the_answer_is_adapted(tmp_path, dingtal
 async def test_reasoning_can_be_quoted(tmp_path, dingtalk, dify):
     dify.configure(dify_key("chatbot"), answer="<think>Short and sweet.</think>Hello!")
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify, show_reasoning="quote")):
-        card = await send(dingtalk, dingtalk.make_text_message("hi"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("hi"))
     assert card.final_content == "> 💭 **Thinking**<br>Short and sweet.\n\nHello!"
 
 
@@ -245,7 +234,7 @@ async def test_images_elsewhere_stay_and_inline_images_and_dify_links_are_made_u
     )
     dify.configure(dify_key("chatbot"), answer=answer)
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        card = await send(dingtalk, dingtalk.make_text_message("show me"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("show me"))
     (media,) = dingtalk.uploaded_media
     assert media.data == SAMPLE_PNG
     assert card.final_content == (
@@ -264,7 +253,7 @@ async def test_links_with_unsafe_schemes_from_the_model_never_reach_the_card(tmp
     dify.configure(dify_key("chatbot"), answer=answer)
     dify.enable_suggested_questions(dify_key("chatbot"), ["[Tap](javascript:alert(2)) here?"])
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        card = await send(dingtalk, dingtalk.make_text_message("links please"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("links please"))
     unsafe_link = re.compile(r"(\]\(|<)\s*<?\s*(javascript|dtmd|data|vbscript):", re.IGNORECASE)
     for content in [*card.contents, card.final_content]:
         assert not unsafe_link.search(content), content  # shown as text at most, never as a link
@@ -288,7 +277,7 @@ async def test_an_image_on_another_origin_is_left_to_dingtalk_never_fetched_by_t
     try:
         dify.configure(dify_key("chatbot"), answer=f"Look: ![a]({internal_url})")
         async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-            card = await send(dingtalk, dingtalk.make_text_message("show the metadata"))
+            card = await deliver(dingtalk, dingtalk.make_text_message("show the metadata"))
     finally:
         await runner.cleanup()
     assert reached == []  # the card is final, so every fetch the answer caused has been made: none was
@@ -301,7 +290,7 @@ async def test_an_answer_with_many_images_and_files_is_capped_and_says_so(tmp_pa
     dify.configure(dify_key("chatbot"), answer=" ".join(f"![img{i}]({url})" for i, url in enumerate(urls)))
     dify.file_delay = 0.05  # each download takes a moment, so that transfers overlap if they may
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        card = await send(dingtalk, dingtalk.make_text_message("all the pictures"))
+        card = await deliver(dingtalk, dingtalk.make_text_message("all the pictures"))
     assert len(dingtalk.uploaded_media) == MAX_IMAGES_PER_ANSWER
     assert dify.files_served == MAX_IMAGES_PER_ANSWER
     assert 1 < dify.max_files_in_flight <= MAX_TRANSFERS  # a few at a time, never all at once
@@ -313,6 +302,6 @@ async def test_a_file_name_in_chinese_reaches_dify_as_it_is(tmp_path, dingtalk, 
     code = dingtalk.add_file(b"%PDF-1.4\n", content_type="application/pdf")
     content = {"spaceId": "1", "fileName": "季度报告 Q3.pdf", "downloadCode": code, "fileId": "2"}
     async with running_bot(write_config(tmp_path / "c.yaml", dingtalk, dify)):
-        await send(dingtalk, dingtalk.make_message("file", content=content))
+        await deliver(dingtalk, dingtalk.make_message("file", content=content))
     (uploaded,) = dify.uploads.values()
     assert uploaded.name == "季度报告 Q3.pdf" and uploaded.extension == "pdf"

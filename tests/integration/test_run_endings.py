@@ -8,12 +8,10 @@ import pytest
 
 from dingdifyd.bridge.running import STOPPED
 from dingdifyd.bridge.service import EMPTY_ANSWER
-from dingdifyd.bridge.session import out_track_id
-from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import DifyError
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeCard, FakeDingTalk
-from tests.integration.harness import CLIENT_ID, bot_entry, dify_key, running_bot, write_config
+from dingdifyd.simulator.dify import FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
+from tests.integration.harness import ask, bot_entry, dify_key, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,14 +19,6 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def dify(any_dify: FakeDify) -> FakeDify:
     return any_dify
-
-
-async def ask(dingtalk: FakeDingTalk, text: str) -> FakeCard:
-    data = dingtalk.make_text_message(text)
-    dingtalk.push_message(CLIENT_ID, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return await dingtalk.wait_card_final(out_track_id(message), timeout=20)
 
 
 def config_for(tmp_path, dingtalk: FakeDingTalk, dify: FakeDify, app_type: str, key: str | None = None):

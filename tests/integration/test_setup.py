@@ -12,9 +12,9 @@ import pytest
 
 from dingdifyd import config
 from dingdifyd.commands.setup import qr_text, setup_main
-from dingdifyd.simulator.fake_dify import FakeDify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot
+from dingdifyd.simulator.dify import FakeDify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
+from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, ask, dify_key, running_bot
 
 pytestmark = pytest.mark.timeout(60)
 WAIT = 20.0
@@ -81,19 +81,8 @@ async def test_a_new_app_by_qr_code_then_the_bot_answers_with_what_was_written(t
 
     # the daemon's bot process, on that file: connected with the new app, answering
     async with running_bot(path, "hr"):
-        card = await answer_as(dingtalk, client_id, "hello new app")
+        card = await ask(dingtalk, "hello new app", client_id=client_id, timeout=WAIT)
     assert "hello new app" in card.final_content
-
-
-async def answer_as(dingtalk: FakeDingTalk, client_id: str, text: str):
-    from dingdifyd.bridge.session import out_track_id
-    from dingdifyd.dingtalk.stream import parse_incoming
-
-    data = dingtalk.make_text_message(text, client_id=client_id)
-    dingtalk.push_message(client_id, data)
-    message = parse_incoming(data)
-    assert message is not None
-    return await dingtalk.wait_card_final(out_track_id(message), timeout=WAIT)
 
 
 @pytest.mark.parametrize("outcome", ["refused", "expired"])
@@ -148,7 +137,7 @@ async def test_wrong_credentials_are_asked_again_and_the_end_of_input_writes_not
 
 @pytest.fixture
 async def dify() -> FakeDify:
-    from dingdifyd.simulator.fake_dify import start_fake_dify
+    from dingdifyd.simulator.dify import start_fake_dify
 
     fake = await start_fake_dify(default_apps=True, info_with_mode=True)
     for key in list(fake.apps):

@@ -13,10 +13,17 @@ import pytest
 
 from dingdifyd.bridge.session import message_key, out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from dingdifyd.store.base import InFlight
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, running_bot, write_config
+from tests.integration.harness import (
+    CLIENT_ID,
+    dify_key,
+    fake_dingtalk,
+    push_text,
+    running_bot,
+    write_config,
+)
 from tests.integration.redis_server import RedisServer, redis_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,11 +38,8 @@ def redis_service(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def dingtalk() -> AsyncIterator[FakeDingTalk]:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=None, rng=random.Random(20240611))
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    await fake.start()
-    yield fake
-    await fake.close()
+    async with fake_dingtalk(rng=random.Random(20240611)) as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -58,13 +62,6 @@ async def idle(dingtalk: FakeDingTalk, *hosts) -> None:
     await dingtalk.wait_for(lambda: all(host.bridge.in_flight == 0 for host in hosts), WAIT, "the hosts to idle")
 
 
-def push(dingtalk: FakeDingTalk, text: str, **kwargs) -> tuple[str, str]:
-    data = dingtalk.make_text_message(text, **kwargs)
-    message = parse_incoming(data)
-    assert message is not None
-    return dingtalk.push_message(CLIENT_ID, data), out_track_id(message)
-
-
 async def test_context_continues_across_hosts_and_a_redelivery_is_answered_once(tmp_path, dingtalk, dify,
                                                                                 redis_service):  # fmt: skip
     config_a = host_config(tmp_path, "host-a", dingtalk, dify, redis_service)
@@ -74,7 +71,7 @@ async def test_context_continues_across_hosts_and_a_redelivery_is_answered_once(
         cards = []
         frames = []
         for turn in range(1, 7):
-            frame, track = push(dingtalk, f"turn {turn}", sender_staff_id="u1")
+            frame, track = push_text(dingtalk, f"turn {turn}", sender_staff_id="u1")
             frames.append(frame)
             cards.append(await dingtalk.wait_card_final(track, WAIT))
         await idle(dingtalk, host_a, host_b)
@@ -104,7 +101,7 @@ async def test_a_host_starting_next_to_a_live_one_leaves_its_answers_alone(tmp_p
     config_a = host_config(tmp_path, "host-a", dingtalk, dify, redis_service)
     config_b = host_config(tmp_path, "host-b", dingtalk, dify, redis_service)
     async with running_bot(config_a) as host_a:
-        _, track = push(dingtalk, "a slow question")  # only host A is connected: it answers, for ~2 s
+        _, track = push_text(dingtalk, "a slow question")  # only host A is connected: it answers, for ~2 s
         await dingtalk.wait_for(lambda: track in dingtalk.cards and dingtalk.cards[track].timeline, WAIT, "text")
         async with running_bot(config_b) as host_b:  # starts while A's answer is in flight, and recovers
             card = await dingtalk.wait_card_final(track, WAIT)

@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 
 from dingdifyd.simulator.control import control_routes
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
+from dingdifyd.simulator.dingtalk import FakeDingTalk
 from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, running_bot, write_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -24,11 +24,10 @@ from dingdifyd.bridge.service import CANNOT_TAKE_MESSAGES
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.dingtalk.stream import parse_incoming
 from dingdifyd.errors import StoreUnavailable
-from dingdifyd.simulator.fake_dify import FakeDify, start_fake_dify
-from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
+from dingdifyd.simulator.dify import FakeDify, start_fake_dify
 from dingdifyd.store.base import InFlight
 from dingdifyd.store.disk import DiskStore
-from tests.integration.harness import CLIENT_ID, CLIENT_SECRET, dify_key, echo, running_bot, write_config
+from tests.integration.harness import CLIENT_ID, dify_key, echo, fake_dingtalk, running_bot, write_config
 from tests.integration.redis_server import RedisServer, redis_server
 
 pytestmark = pytest.mark.timeout(90)
@@ -41,12 +40,6 @@ async def dify() -> AsyncIterator[FakeDify]:
     fake.configure(dify_key("chatbot"), token_delay=0.002, slow_token_delay=0.1)
     yield fake
     await fake.close()
-
-
-def fake_dingtalk(redeliver_after: float | None) -> FakeDingTalk:
-    fake = FakeDingTalk(ping_interval=None, redeliver_after=redeliver_after)
-    fake.register_app(CLIENT_ID, CLIENT_SECRET)
-    return fake
 
 
 def record(key: str) -> InFlight:

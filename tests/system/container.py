@@ -1,7 +1,7 @@
 """A Debian container booting a real systemd (systemd-nspawn, own network), and ways into it from the host.
 
 `nsenter` is the way in: without systemd as PID 1 on the host there is no machined, so `machinectl` and
-`systemd-run -M` do not work (reference/packaging-and-systemd.md §3). Commands run with a clean environment.
+`systemd-run -M` do not work. Commands run with a clean environment.
 The simulators' control API is reached by a Python one-liner run in the container's network namespace only.
 """
 

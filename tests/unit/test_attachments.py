@@ -4,7 +4,6 @@ goes; and which of Dify's URLs and outputs are files to bring over to DingTalk."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +11,9 @@ import pytest
 from dingdifyd.bridge import attachments as att
 from dingdifyd.bridge.media import dify_file_url, file_name_of, files_in_outputs
 from dingdifyd.models import IncomingMessage
+from tests.support.transcripts import DIFY_0_15_FIXTURES
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "dify"
+FIXTURES = DIFY_0_15_FIXTURES
 CHAT_PARAMETERS = json.loads((FIXTURES / "49-parameters.json").read_text())  # images and documents, 3 files
 CHATFLOW_PARAMETERS = json.loads((FIXTURES / "98-chatflow-parameters.json").read_text())  # images only
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452")

@@ -6,14 +6,7 @@ import logging
 
 from dingdifyd.models import IncomingMessage
 from dingdifyd.worker.delivery_watch import DeliveryWatch
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def written_at(seconds: float, msg_id: str = "m") -> IncomingMessage:
@@ -22,7 +15,7 @@ def written_at(seconds: float, msg_id: str = "m") -> IncomingMessage:
 
 def test_a_message_written_while_connected_and_delivered_much_later_is_warned_about(caplog):
     caplog.set_level(logging.INFO)
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     watch = DeliveryWatch("dingapp", late_after=20, wall_clock=clock)
     watch.connected()
     clock.now += 100
@@ -34,7 +27,7 @@ def test_a_message_written_while_connected_and_delivered_much_later_is_warned_ab
 
 
 def test_messages_kept_for_us_while_we_were_away_are_not_suspicious(caplog):
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     watch = DeliveryWatch("dingapp", late_after=20, wall_clock=clock)
     assert not watch.observe(written_at(clock.now - 300))  # not connected at all
     watch.connected()
@@ -48,7 +41,7 @@ def test_messages_kept_for_us_while_we_were_away_are_not_suspicious(caplog):
 
 def test_the_warning_is_rate_limited_and_counts_what_it_held_back(caplog):
     caplog.set_level(logging.WARNING)
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     watch = DeliveryWatch("dingapp", late_after=20, warn_every=600, wall_clock=clock)
     watch.connected()
     for _ in range(5):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +22,9 @@ from dingdifyd.dify.events import (
     text_from_outputs,
 )
 from dingdifyd.dify.sse import SSEBlockSplitter, parse_block
+from tests.support.transcripts import DIFY_0_15_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dify"
+FIXTURES = DIFY_0_15_FIXTURES
 ANSWER_TAIL = "This is a fake streamed answer from the local fake OpenAI server."
 SLOW_ANSWER = "Slow answer: " + " ".join(f"word{i}" for i in range(40))
 

@@ -4,7 +4,6 @@ reasoning, files, steps, pauses and forms are what the bytes say (tests/fixtures
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,19 +22,16 @@ from dingdifyd.dify.events import (
     WorkflowPaused,
     parse_event,
 )
-from dingdifyd.dify.forms import HumanInputForm, parse_form, paused_blocking_answer
-from dingdifyd.dify.sse import SSEBlockSplitter, parse_block
+from dingdifyd.dify.forms import HumanInputForm, parse_form
+from tests.support.transcripts import DIFY_1_16_FIXTURES, chunks_of
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dify-1.16.1"
+FIXTURES = DIFY_1_16_FIXTURES
 ANSWER_TAIL = "This is a fake streamed answer from the local fake model."
 STREAMS = sorted(path.stem for path in FIXTURES.glob("*.sse"))
 
 
 def events_of(case: str) -> list[DifyEvent]:
-    splitter = SSEBlockSplitter()
-    raw = (FIXTURES / f"{case}.sse").read_bytes()
-    blocks = splitter.feed(raw) + splitter.flush()
-    return [parse_event(json.loads(m.data)) for block in blocks for m in parse_block(block)]
+    return [parse_event(chunk) for chunk in chunks_of((FIXTURES / f"{case}.sse").read_bytes())]
 
 
 def transcript_of(case: str) -> Transcript:
@@ -149,15 +145,6 @@ def test_a_form_survives_the_store() -> None:
     form = next(e for e in events_of("70-hitl-cf-stream-pause") if isinstance(e, HumanInputRequired)).form
     assert form is not None
     assert HumanInputForm.from_dict(json.loads(json.dumps(form.to_dict()))) == form
-
-
-@pytest.mark.parametrize("case", ["68-hitl-wf-blocking", "78-hitl-cf-blocking"])
-def test_a_blocking_answer_that_paused_is_recognised(case: str) -> None:
-    found = paused_blocking_answer(json_of(case))
-    assert found is not None
-    run_id, forms = found
-    assert run_id and forms[0].token == "REDACTED" and forms[0].actions[0].id == "approve"
-    assert paused_blocking_answer(json_of("142-llm-workflow-blocking")) is None
 
 
 def test_select_and_file_fields_parse() -> None:

@@ -17,6 +17,7 @@ from dingdifyd.errors import (
 )
 from dingdifyd.pacing.circuit import CircuitBreaker, CircuitSettings, CircuitState
 from dingdifyd.pacing.fairqueue import FairQueue
+from tests.support.clock import FakeClock
 
 # --- the fair queue ----------------------------------------------------------------------------------------
 
@@ -54,20 +55,12 @@ def test_an_answer_given_up_leaves_the_queue():
 # --- the circuit breaker -----------------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 SETTINGS = CircuitSettings(window=10, window_seconds=60, min_requests=4, failure_ratio=0.5, open_for=10,
                            max_open_for=40)  # fmt: skip
 
 
 def test_most_recent_failures_open_the_circuit_and_a_probe_closes_it():
-    clock = Clock()
+    clock = FakeClock(100.0)
     circuit = CircuitBreaker(SETTINGS, clock=clock)
     for failed in (False, True, True):
         assert circuit.allow()
@@ -84,7 +77,7 @@ def test_most_recent_failures_open_the_circuit_and_a_probe_closes_it():
 
 
 def test_a_failed_probe_opens_for_longer_up_to_a_bound():
-    clock = Clock()
+    clock = FakeClock(100.0)
     circuit = CircuitBreaker(SETTINGS, clock=clock)
     for _ in range(4):
         circuit.allow()
@@ -99,7 +92,7 @@ def test_a_failed_probe_opens_for_longer_up_to_a_bound():
 
 
 def test_a_probe_that_ends_without_an_outcome_lets_the_next_one_probe():
-    clock = Clock()
+    clock = FakeClock(100.0)
     circuit = CircuitBreaker(SETTINGS, clock=clock)
     for _ in range(4):
         circuit.allow()
@@ -111,7 +104,7 @@ def test_a_probe_that_ends_without_an_outcome_lets_the_next_one_probe():
 
 
 def test_old_failures_do_not_count():
-    clock = Clock()
+    clock = FakeClock(100.0)
     circuit = CircuitBreaker(SETTINGS, clock=clock)
     for _ in range(3):
         circuit.record(True)

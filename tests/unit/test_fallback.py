@@ -7,16 +7,9 @@ import logging
 from dingdifyd.dingtalk.api import DingTalkPermissionDenied
 from dingdifyd.dingtalk.fallback import CauseLog, TemplateMemory, describe, hint_for
 from dingdifyd.errors import DingTalkError, DingTalkUnavailable
+from tests.support.clock import FakeClock
 
 PERMISSION = "Forbidden.AccessDenied.AccessTokenPermissionDenied"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_hints_name_the_fix():

@@ -1,4 +1,5 @@
-"""Robot message payloads (protocols.md B.1) → IncomingMessage, and the frame checks done before the SDK."""
+"""Robot message payloads (docs/dingtalk.md#robot-messages) → IncomingMessage, and the frame checks done before
+the SDK."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dingdifyd.config import Secret
-from dingdifyd.logs.fields import EVENTS, about_message, conversation_hash, event
+from dingdifyd.logs.fields import EVENTS, conversation_hash, event, message_context
 from dingdifyd.logs.journal import encode_entry, unit_identifier
 from dingdifyd.logs.setup import register_secret, setup_logging
 from tests.unit.test_logsetup import journal_env, restore_logging  # noqa: F401  (a fixture used below)
@@ -102,10 +102,12 @@ def test_every_line_of_a_message_task_carries_its_id(journald, stream):
     setup_logging("INFO", bot="hr", stream=stream, environ=journal_env(stream), journal_socket=journald.path)
     log = logging.getLogger("dingdifyd.dingtalk.api")
 
+    async def handle() -> None:
+        await asyncio.create_task(asyncio.sleep(0))
+        await asyncio.create_task(_warn(log))  # a task started inside inherits the context
+
     async def answer() -> None:
-        with about_message("msg-2", "cidGROUP=="):
-            await asyncio.create_task(asyncio.sleep(0))  # a task started inside inherits the context
-            await asyncio.create_task(_warn(log))
+        await asyncio.create_task(handle(), context=message_context("msg-2", "cidGROUP=="))
         log.warning("after the message")
 
     asyncio.run(answer())

@@ -19,6 +19,7 @@ from dingdifyd.dify.apptype import AppTypeReport
 from dingdifyd.dify.events import AgentThought, NodeStarted, TextDelta
 from dingdifyd.errors import DifyUnavailable
 from dingdifyd.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
+from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -203,16 +204,8 @@ def test_app_type_verdict(configured, actual, matches):
 # --- the /parameters cache ------------------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_parameters_are_fetched_once_per_ttl_and_a_failure_keeps_the_last_good_answer():
-    clock = Clock()
+    clock = FakeClock()
     answers: list[Any] = [{"suggested_questions_after_answer": {"enabled": True}}, DifyUnavailable("down")]
     fetched = 0
 

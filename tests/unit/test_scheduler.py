@@ -7,14 +7,7 @@ from collections import deque
 import pytest
 
 from dingdifyd.pacing.scheduler import CREATE, WRITE, Priority, SchedulePolicy, TurnOutcome
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def policy(clock: FakeClock, qps: float | None = 10.0, **kwargs) -> SchedulePolicy:
@@ -32,7 +25,7 @@ def drain(p: SchedulePolicy) -> list[object]:
 
 
 def test_the_first_call_goes_at_once_and_the_next_waits_for_the_bucket():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=10.0)
     p.request("a", Priority.FIRST)
     p.request("b", Priority.FIRST)
@@ -46,7 +39,7 @@ def test_the_first_call_goes_at_once_and_the_next_waits_for_the_bucket():
 
 def test_card_creations_have_a_bucket_of_their_own_beside_the_writes():
     # DingTalk limits each API separately: a burst of new cards must not take the turns of open cards' texts
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=10.0)
     p.request("new-1", Priority.FIRST, api=CREATE)
     p.request("new-2", Priority.FIRST, api=CREATE)
@@ -58,7 +51,7 @@ def test_card_creations_have_a_bucket_of_their_own_beside_the_writes():
 
 
 def test_final_answers_go_before_first_texts_and_first_texts_before_updates():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=None)
     p.request("update", Priority.UPDATE)
     clock.now += 1
@@ -69,7 +62,7 @@ def test_final_answers_go_before_first_texts_and_first_texts_before_updates():
 
 
 def test_equal_priorities_take_turns_the_longest_ready_first():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=None)
     for card in "abc":
         p.request(card, Priority.UPDATE)
@@ -86,7 +79,7 @@ def test_equal_priorities_take_turns_the_longest_ready_first():
 
 
 def test_readiness_counts_from_when_a_card_became_ready_not_when_it_asked():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=None)
     p.request("early-asker", Priority.UPDATE, ready_at=clock.now + 0.5)  # its interval has not passed
     clock.now += 0.2
@@ -96,7 +89,7 @@ def test_readiness_counts_from_when_a_card_became_ready_not_when_it_asked():
 
 
 def test_a_card_is_not_served_before_its_time():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock)
     p.request("a", Priority.UPDATE, ready_at=clock.now + 0.3)
     assert p.poll() is None
@@ -106,7 +99,7 @@ def test_a_card_is_not_served_before_its_time():
 
 
 def test_asking_again_updates_the_request_and_keeps_its_place():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=None)
     assert p.request("a", Priority.UPDATE)
     assert not p.request("a", Priority.UPDATE, ready_at=clock.now)  # nothing changed
@@ -118,7 +111,7 @@ def test_asking_again_updates_the_request_and_keeps_its_place():
 
 
 def test_one_call_in_flight_per_card():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=None)
     p.request("a", Priority.UPDATE)
     assert p.poll() == "a"
@@ -130,7 +123,7 @@ def test_one_call_in_flight_per_card():
 
 
 def test_a_rate_limit_refusal_holds_the_whole_app_and_the_card_keeps_its_place():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=None, hold_base=1.0)
     p.request("refused", Priority.UPDATE)
     assert p.poll() == "refused"
@@ -145,7 +138,7 @@ def test_a_rate_limit_refusal_holds_the_whole_app_and_the_card_keeps_its_place()
 
 
 def test_holds_grow_while_refusals_go_on_and_reset_after_a_success():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=None, hold_base=1.0, hold_cap=2.0)
     holds = []
     for _ in range(4):
@@ -164,7 +157,7 @@ def test_holds_grow_while_refusals_go_on_and_reset_after_a_success():
 
 
 def test_other_failures_do_not_hold_the_app():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=None)
     p.request("a", Priority.FINAL)
     p.request("b", Priority.FINAL)
@@ -174,12 +167,12 @@ def test_other_failures_do_not_hold_the_app():
 
 
 def test_retry_back_off_doubles_per_attempt():
-    p = policy(FakeClock(), retry_base=0.5, retry_cap=8.0)
+    p = policy(FakeClock(1000.0), retry_base=0.5, retry_cap=8.0)
     assert [p.retry_delay(n) for n in range(1, 7)] == pytest.approx([0.5, 1, 2, 4, 8, 8])
 
 
 def test_cancelled_requests_are_not_served():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock)
     p.request("a", Priority.UPDATE)
     p.cancel("a")
@@ -190,7 +183,7 @@ def test_cancelled_requests_are_not_served():
 @pytest.mark.parametrize("qps", [18.0, 5.0])
 def test_any_one_second_window_sees_at_most_qps_plus_one_calls(qps: float):
     """Many busy cards for five simulated seconds: the rate the server sees stays under its limit."""
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     p = policy(clock, qps=qps)
     for card in range(60):
         p.request(card, Priority.UPDATE if card % 3 else Priority.FIRST)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from dingdifyd.dify.sse import SSEBlockSplitter, SSEMessage, iter_sse, parse_block
+from tests.support.transcripts import DIFY_0_15_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dify"
+FIXTURES = DIFY_0_15_FIXTURES
 
 
 def transcript(name: str) -> bytes:

@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 import pytest
 
 from dingdifyd.supervisor import signals
-from dingdifyd.worker.heartbeat import ParentChannel, child_bootstrap, heartbeat_interval, heartbeat_loop
+from dingdifyd.worker.heartbeat import ParentChannel, heartbeat_interval, heartbeat_loop
 
 FORK = multiprocessing.get_context("fork")
 
@@ -102,7 +102,7 @@ def test_signal_queue_records_and_wakes() -> None:
 
 
 def report_signal_state(conn: Connection) -> None:
-    child_bootstrap()
+    signals.reset_in_child()  # what the supervisor's fork entry does first in every child
     conn.send(
         (
             signal.set_wakeup_fd(-1),
@@ -124,7 +124,7 @@ def test_a_forked_child_sheds_the_supervisor_signal_handling(pipe: tuple[Connect
         assert child.exitcode == 0
         assert reader.poll(5.0)
         wakeup_fd, usr1_default, term_default, int_default = reader.recv()
-        assert wakeup_fd == -1  # child_bootstrap had already taken the supervisor's wakeup fd away
+        assert wakeup_fd == -1  # reset_in_child had already taken the supervisor's wakeup fd away
         assert usr1_default and term_default and int_default
         assert queue.drain() == []
     finally:

@@ -24,22 +24,12 @@ from dingdifyd.supervisor.state import (
     status_text,
     summarize,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import FakeClock
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 def lifecycle(clock: FakeClock, name: str = "helpdesk", **kwargs: float) -> BotLifecycle:

@@ -1,7 +1,7 @@
 """How the fake Dify writes its bytes, per Dify version: 0.15.3 or 1.16.1, as the recorded transcripts show.
 
 Only the writing differs here (separators, escapes, trailing newlines, headers, validation messages); what an
-app does is the fake's business (fake_dify.py). The differences, from tests/fixtures/dify-1.16.1/README.md:
+app does is the rest of the fake's business. The differences, from tests/fixtures/dify-1.16.1/README.md:
 
 - streams: 0.15.3 writes `json.dumps` chunks (`", "` separators, ASCII escapes) and pings only when idle;
   1.16.1 writes compact UTF-8 chunks (orjson) and starts chatflow and workflow streams with `event: ping`;

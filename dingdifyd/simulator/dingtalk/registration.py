@@ -1,6 +1,6 @@
 """DingTalk's QR-code app registration ("一键创建钉钉应用"), as the fake DingTalk serves it on its oapi side.
 
-The flow as recorded from DingTalk's document and the connectors that use it (notes/app-registration.md):
+The flow as recorded from DingTalk's document and the connectors that use it (docs/dingtalk.md#qr-app-registration):
 `POST /app/registration/init {"source"?}` -> a one-time `nonce` (300 s); `POST /app/registration/begin
 {"nonce"}` -> `device_code`, `user_code` (XXXX-XXXX-XXXX), `verification_uri(_complete)` (the QR's content),
 `expires_in` 7200, `interval`; `POST /app/registration/poll {"device_code"}` -> `status` WAITING | SUCCESS (with
@@ -18,13 +18,11 @@ import secrets
 import string
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
 
 VERIFICATION_URI = "https://open-dev.dingtalk.com/openapp/registration/openClaw"
 NONCE_TTL = 300.0
@@ -50,8 +48,10 @@ class RegistrationSession:
 
 
 class FakeRegistration:
-    def __init__(self, dingtalk: FakeDingTalk, *, interval: int = 2, expires_in: int = 7200):
-        self.dingtalk = dingtalk
+    """`register_app(client_id, client_secret)` makes an approved app known to the fake DingTalk."""
+
+    def __init__(self, register_app: Callable[[str, str], Any], *, interval: int = 2, expires_in: int = 7200):
+        self._register_app = register_app
         self.interval = interval  # 5 in DingTalk's document, 2 seen live
         self.expires_in = expires_in
         self.sessions: dict[str, RegistrationSession] = {}  # by device code
@@ -79,7 +79,7 @@ class FakeRegistration:
         session.client_id = client_id or f"ding{secrets.token_hex(8)}"
         session.client_secret = secrets.token_urlsafe(32)
         session.status = "SUCCESS"
-        self.dingtalk.register_app(session.client_id, session.client_secret)
+        self._register_app(session.client_id, session.client_secret)
         return session.client_id, session.client_secret
 
     def deny(self, user_code: str, reason: str = "用户拒绝授权") -> None:
