@@ -98,13 +98,25 @@ class ParentChannel:
         return capacity - queued >= size
 
 
+REPORT_GAP = 0.25  # seconds between two reports at the least, however often something worth reporting happens
+
+
 async def heartbeat_loop(
     channel: ParentChannel,
     interval: float,
     in_flight: Callable[[], int],
     stats: Callable[[], dict[str, Any]] | None = None,
+    soon: asyncio.Event | None = None,
 ) -> None:
-    """Send `("heartbeat", in_flight()[, stats()])` every `interval` seconds; returns once the supervisor is gone."""
+    """Send `("heartbeat", in_flight()[, stats()])` every `interval` seconds, and sooner (but at most every
+    REPORT_GAP) when `soon` is set: an answer that just ended shows in `dingdifyd status` at once, not a beat
+    later. Returns once the supervisor is gone."""
     while channel.parent_alive:
         channel.heartbeat(in_flight(), stats() if stats is not None else None)
-        await asyncio.sleep(interval)
+        if soon is None:
+            await asyncio.sleep(interval)
+            continue
+        soon.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(soon.wait(), interval)
+            await asyncio.sleep(REPORT_GAP)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from dingdifyd.bridge.report import AnswerReport
 from dingdifyd.bridge.service import BridgeService
 from dingdifyd.config import BotConfig, DaemonConfig
 from dingdifyd.dify.client import DifyClient
@@ -76,6 +77,7 @@ class BotRuntime:
         self.delivery_watch = DeliveryWatch(bot.dingtalk.client_id, late_after=late_delivery_after)
         self.stats = stats if stats is not None else BotStats()  # what `dingdifyd status` and the metrics show
         self._stop = asyncio.Event()
+        self._report_soon = asyncio.Event()  # an answer ended: the supervisor hears of it before the next beat
         self.connected = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -119,6 +121,7 @@ class BotRuntime:
                 self.channel, interval,
                 lambda: self.bridge.in_flight if self.bridge is not None else 0,
                 self.report,
+                self._report_soon,
             ),
             name="heartbeats",
         )  # fmt: skip
@@ -177,7 +180,7 @@ class BotRuntime:
                     return EX_OK
                 self.bridge = BridgeService(
                     bot=bot, store=store, apps=apps, replies=DingTalkReplies(api, bot.dingtalk.card_template_id),
-                    files=DingTalkFiles(api), scheduler=scheduler, on_answer=self.stats.answer,
+                    files=DingTalkFiles(api), scheduler=scheduler, on_answer=self._answered,
                     **self._bridge_options,
                 )  # fmt: skip
                 self.connection = StreamConnection(
@@ -190,6 +193,10 @@ class BotRuntime:
             if self.protections is not None:
                 self.protections.close()
             store.close()
+
+    def _answered(self, report: AnswerReport) -> None:
+        self.stats.answer(report)
+        self._report_soon.set()
 
     def report(self) -> dict[str, Any]:
         """What goes to the supervisor with each heartbeat: counts, live status, metrics (worker/stats.py)."""

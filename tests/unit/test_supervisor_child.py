@@ -79,6 +79,24 @@ async def test_heartbeat_loop_beats_with_in_flight_and_ends_when_the_parent_is_g
     assert not channel.parent_alive
 
 
+async def test_something_worth_reporting_is_reported_before_the_next_beat(
+    pipe: tuple[Connection, Connection],
+) -> None:
+    """An answer that ended shows in `dingdifyd status` at once, not a beat (up to 2 s) later."""
+    reader, writer = pipe
+    channel = ParentChannel(writer)
+    soon = asyncio.Event()
+    answered = iter(range(100))
+    beats = asyncio.create_task(heartbeat_loop(channel, 3600.0, lambda: 0, lambda: {"n": next(answered)}, soon))
+    try:
+        (first,) = await asyncio.wait_for(receive(reader, 1), 5.0)
+        soon.set()  # without it, the next beat would come in an hour
+        (second,) = await asyncio.wait_for(receive(reader, 1), 5.0)
+        assert (first, second) == (("heartbeat", 0, {"n": 0}), ("heartbeat", 0, {"n": 1}))
+    finally:
+        beats.cancel()
+
+
 def test_heartbeat_interval_leaves_room_for_missed_beats() -> None:
     assert heartbeat_interval(30.0) == 2.0
     assert heartbeat_interval(1.0) == 0.25
