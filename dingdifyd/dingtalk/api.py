@@ -24,7 +24,7 @@ import aiohttp
 from dingdifyd.config import Secret
 from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
 from dingdifyd.models import GROUP_CHAT
-from dingdifyd.pacing.bucket import ExponentialBackoff
+from dingdifyd.pacing.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class DingTalkApi:
         """One logical call, with up to `attempts` tries (default: the client's). `ok_on_retry`: error codes
         that mean an earlier attempt of this same call did succeed (e.g. the card exists because the first,
         5xx-answered try created it)."""
-        backoff = ExponentialBackoff(base=self._retry_base_delay, cap=self._retry_max_delay, rng=self._rng)
+        backoff = Backoff(self._retry_base_delay, self._retry_max_delay, rand=self._rng)
         max_attempts = max(1, attempts) if attempts is not None else self._max_attempts
         token_renewed = False
         while True:
@@ -258,12 +258,12 @@ class DingTalkApi:
                 self._drop_token(token)
                 log.info("DingTalk %s: token refused (401), fetching a new one", api)
                 continue
-            if backoff.attempt > 0 and code in ok_on_retry:
+            if backoff.attempts > 0 and code in ok_on_retry:
                 return payload
-            if _is_retryable(status, code) and backoff.attempt + 1 < max_attempts:
+            if _is_retryable(status, code) and backoff.attempts + 1 < max_attempts:
                 delay = backoff.next_delay()
                 log.warning("DingTalk %s: HTTP %s %s, retry %d in %.2fs",
-                            api, status, code, backoff.attempt, delay)
+                            api, status, code, backoff.attempts, delay)
                 await asyncio.sleep(delay)
                 continue
             raise _error_for(api, status, payload)

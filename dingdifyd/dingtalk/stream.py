@@ -33,7 +33,7 @@ from dingdifyd.config import Secret
 from dingdifyd.dingtalk.api import describe_transport_error
 from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkUnavailable
 from dingdifyd.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
-from dingdifyd.pacing.bucket import ExponentialBackoff
+from dingdifyd.pacing.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         self._on_state = on_state
         self._on_failure = on_failure  # why a connection attempt failed (no secret, no ticket in it)
         self._open_timeout = open_timeout
-        self._backoff = ExponentialBackoff(base=reconnect_min_delay, cap=reconnect_max_delay)
+        self._backoff = Backoff(reconnect_min_delay, reconnect_max_delay)
         self._stable_after = stable_after
         self._frame_tasks: set[asyncio.Task[None]] = set()
         self._malformed_seen = RecentIds(1000)  # malformed frames already logged

@@ -174,7 +174,7 @@ async def test_reconnects_with_a_fresh_ticket_after_a_disconnect_request(fake: F
 
 async def test_a_message_pushed_while_disconnected_arrives_after_the_reconnect(fake: FakeDingTalk, session):
     recorder = Recorder()
-    async with running(make_connection(fake, session, recorder, reconnect_min_delay=0.3)):
+    async with running(make_connection(fake, session, recorder, reconnect_min_delay=0.3, reconnect_max_delay=0.3)):
         await fake.wait_connections(1)
         fake.drop_connections(CLIENT_ID)
         await fake.wait_for(lambda: fake.connections == 0, what="the drop")
