@@ -349,14 +349,7 @@ class BridgeService:
             raise
         except PeerError as exc:
             error = exc
-            log.warning(
-                "message %s: %s (status=%s code=%s): %s",
-                message.msg_id,
-                type(exc).__name__,
-                getattr(exc, "status", None),
-                getattr(exc, "code", None),
-                exc,
-            )
+            log.warning("message %s: %s", message.msg_id, exc.brief())
             await streamer.fail(_with_note(streamer.text, failure_note(exc)))
         except Exception as exc:
             error = exc

@@ -22,7 +22,14 @@ from typing import Any
 import aiohttp
 
 from dingdifyd.config import Secret
-from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
+from dingdifyd.errors import (
+    CardAlreadyExists,
+    DingTalkAuthError,
+    DingTalkError,
+    DingTalkPermissionDenied,
+    DingTalkRateLimited,
+    DingTalkUnavailable,
+)
 from dingdifyd.models import GROUP_CHAT
 from dingdifyd.pacing.backoff import Backoff
 
@@ -56,19 +63,6 @@ def _error_code(payload: Mapping[str, Any]) -> str:
     return "" if code is None else str(code)
 
 
-def _is_retryable(status: int, code: str) -> bool:
-    return status == 429 or status >= 500 or (status == 403 and code.startswith(QPS_LIMIT_CODE_PREFIX))
-
-
-class DingTalkPermissionDenied(DingTalkError):
-    """403 AccessTokenPermissionDenied: the app lacks a permission (scope) the call needs."""
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 required_scopes: tuple[str, ...] = ()):
-        super().__init__(message, status=status, code=code)
-        self.required_scopes = required_scopes
-
-
 def _required_scopes(payload: Mapping[str, Any]) -> tuple[str, ...]:
     detail = payload.get("accessdenieddetail")
     scopes = detail.get("requiredScopes") if isinstance(detail, dict) else None
@@ -76,6 +70,7 @@ def _required_scopes(payload: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _error_for(api: str, status: int, payload: Mapping[str, Any]) -> DingTalkError:
+    """The error for a non-2xx answer; its `retryable` says whether the call is worth another try."""
     code = _error_code(payload)
     message = str(payload.get("message") or payload.get("errmsg") or "")[:200]
     text = f"DingTalk {api} failed: HTTP {status}"
@@ -92,6 +87,8 @@ def _error_for(api: str, status: int, payload: Mapping[str, Any]) -> DingTalkErr
         return DingTalkRateLimited(text, status=status, code=code or None)
     if status >= 500:
         return DingTalkUnavailable(text, status=status, code=code or None)
+    if code == CARD_ALREADY_EXISTS:
+        return CardAlreadyExists(text, status=status, code=code)
     return DingTalkError(text, status=status, code=code or None)
 
 
@@ -260,13 +257,14 @@ class DingTalkApi:
                 continue
             if backoff.attempts > 0 and code in ok_on_retry:
                 return payload
-            if _is_retryable(status, code) and backoff.attempts + 1 < max_attempts:
+            error = _error_for(api, status, payload)
+            if error.retryable and backoff.attempts + 1 < max_attempts:
                 delay = backoff.next_delay()
                 log.warning("DingTalk %s: HTTP %s %s, retry %d in %.2fs",
                             api, status, code, backoff.attempts, delay)
                 await asyncio.sleep(delay)
                 continue
-            raise _error_for(api, status, payload)
+            raise error
 
     def _count(self, api: str) -> None:
         """Every OpenAPI call that reached DingTalk counts against the org's monthly quota (token calls do not)."""

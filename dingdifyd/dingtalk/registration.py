@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from dingdifyd.config import Secret
+from dingdifyd.errors import RegistrationError, RegistrationExpired, RegistrationRefused
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +29,6 @@ MIN_INTERVAL = 2.0  # DingTalk's document says 5, 2 was seen live; faster is nev
 DEFAULT_INTERVAL = 5.0
 WAIT_CAP = 600.0  # an admin at a terminal: ten minutes, not the two hours a device code may live
 RETRY_WINDOW = 120.0  # network trouble while polling is waited out this long (as the official connector does)
-
-
-class RegistrationError(Exception):
-    """The registration cannot go on; `str()` says what happened, for the admin."""
-
-
-class RegistrationRefused(RegistrationError):
-    """FAIL: the scan was refused (by the admin, or by DingTalk, e.g. an account in no organisation)."""
-
-
-class RegistrationExpired(RegistrationError):
-    """EXPIRED, or nobody scanned in time."""
 
 
 @dataclass(frozen=True)
@@ -134,9 +123,10 @@ class AppRegistration:
         except ValueError:
             payload = None
         if status != 200 or not isinstance(payload, dict):
-            raise RegistrationError(f"{step}: DingTalk answered HTTP {status}")
+            raise RegistrationError(f"{step}: DingTalk answered HTTP {status}", status=status)
         if payload.get("errcode") not in (0, None):
-            raise RegistrationError(f"{step}: DingTalk refused ({payload.get('errcode')}: {payload.get('errmsg')})")
+            raise RegistrationError(f"{step}: DingTalk refused ({payload.get('errcode')}: {payload.get('errmsg')})",
+                                    status=status, code=str(payload.get("errcode")))
         return payload
 
 

@@ -17,7 +17,13 @@ from dingdifyd.config import Secret
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.cards import BUILTIN_TEMPLATE_ID, AICard
 from dingdifyd.dingtalk.stream import StreamConnection, parse_incoming
-from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
+from dingdifyd.errors import (
+    CardAlreadyExists,
+    DingTalkAuthError,
+    DingTalkError,
+    DingTalkRateLimited,
+    DingTalkUnavailable,
+)
 from dingdifyd.models import IncomingMessage
 from dingdifyd.simulator import fake_dingtalk as fd
 from dingdifyd.simulator.fake_dingtalk import FakeDingTalk
@@ -432,9 +438,9 @@ async def test_card_errors_carry_dingtalk_codes_and_are_not_retried(session):
         api = make_api(fake, session)
         card = AICard(api, out_track_id="dup", template_id=TEMPLATE, message=one_to_one(fake))
         await card.open()
-        with pytest.raises(DingTalkError) as duplicate:
+        with pytest.raises(CardAlreadyExists) as duplicate:  # what the card streamer accepts when resuming
             await card.open()
-        assert duplicate.value.code == "param.cardAlreadyExist"
+        assert duplicate.value.code == "param.cardAlreadyExist" and not duplicate.value.retryable
         with pytest.raises(DingTalkError) as too_large:
             await card.update("x" * 65)
         assert too_large.value.code == "param.stream.content"
