@@ -99,6 +99,23 @@ def describe_transport_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+async def exchange(
+    session: aiohttp.ClientSession, method: str, url: str, *, what: str, timeout: float, **request: Any
+) -> tuple[int, bytes]:
+    """One HTTP exchange with DingTalk (the OpenAPI, the Stream gateway, the app registration): its status and
+    body. No redirect is followed (a body may hold the app's secret). A failure to get an answer is
+    DingTalkUnavailable, `what` saying of which call; its text never quotes the URL."""
+    try:
+        async with session.request(
+            method, url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False, **request
+        ) as response:
+            return response.status, await response.read()
+    except TimeoutError:
+        raise DingTalkUnavailable(f"{what}: no answer within {timeout:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise DingTalkUnavailable(f"{what}: {describe_transport_error(exc)}") from None
+
+
 class DingTalkApi:
     """One DingTalk app's OpenAPI access over a shared aiohttp session (not owned: the caller closes it)."""
 
@@ -125,7 +142,6 @@ class DingTalkApi:
         self._api_base = api_base.rstrip("/")
         self._oapi_base = oapi_base.rstrip("/")
         self._timeout = timeout
-        self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self._clock = clock
         self._on_call = on_call
         self._on_result = on_result  # (api, HTTP status or None when unanswered, error code): the metrics
@@ -201,17 +217,10 @@ class DingTalkApi:
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        try:
-            async with self._session.request(
-                method, url, json=body, data=form, params=params, headers=headers,
-                timeout=self._client_timeout, allow_redirects=False,
-            ) as response:
-                raw = await response.read()
-                status = response.status
-        except TimeoutError:
-            raise DingTalkUnavailable(f"DingTalk {api}: no answer within {self._timeout:g}s") from None
-        except aiohttp.ClientError as exc:
-            raise DingTalkUnavailable(f"DingTalk {api}: {describe_transport_error(exc)}") from None
+        status, raw = await exchange(
+            self._session, method, url, what=f"DingTalk {api}", timeout=self._timeout,
+            json=body, data=form, params=params, headers=headers,
+        )  # fmt: skip
         log.debug("DingTalk %s: HTTP %s", api, status)
         return status, raw
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.config import Secret
@@ -505,6 +506,36 @@ async def test_an_unreachable_peer_is_unavailable(session):
     with pytest.raises(DingTalkUnavailable) as raised:
         await api.access_token()
     assert SECRET not in str(raised.value)
+
+
+async def test_the_stream_gateway_is_not_followed_through_a_redirect(session):
+    """The gateway open request carries the app's secret: a redirect elsewhere must not take it along."""
+    elsewhere: list[bytes] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"http://127.0.0.1:{port}/elsewhere"})
+
+    async def catch(request: web.Request) -> web.Response:
+        elsewhere.append(await request.read())
+        return web.json_response({"endpoint": "ws://127.0.0.1:9/", "ticket": "t"})
+
+    app = web.Application()
+    app.router.add_post("/v1.0/gateway/connections/open", redirect)
+    app.router.add_post("/elsewhere", catch)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        connection = StreamConnection(client_id=CLIENT_ID, client_secret=Secret(SECRET),
+                                      api_base=f"http://127.0.0.1:{port}", session=session,
+                                      on_message=lambda message: None, open_timeout=5.0)
+        with pytest.raises(DingTalkError) as refused:
+            await connection.check_gateway()
+        assert refused.value.status == 307 and elsewhere == []
+    finally:
+        await runner.cleanup()
 
 
 async def test_without_pacing_the_fake_does_refuse_a_burst(fake: FakeDingTalk, session):
