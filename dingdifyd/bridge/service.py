@@ -126,7 +126,7 @@ class BridgeService:
         self._not_taken_keys = RecentIds(10000)  # messages not ACKed here: DingTalk delivers them again, late
         # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
         self.files = files
-        self.incoming = IncomingFiles(bot=bot, dingtalk=files)
+        self.incoming = IncomingFiles(bot=bot, chat=files)
         self.media_transfers = MediaTransfers()  # Dify's images and files on their way: a few at a time
         # which Dify app answers a message: the bot's own, or a route's (`routes:`)
         self.apps = apps
