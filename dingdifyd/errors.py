@@ -186,7 +186,7 @@ class DifyQueueFull(DifyRateLimited):
 
 
 class DingTalkError(PeerError):
-    """A DingTalk OpenAPI call failed."""
+    """A call to DingTalk failed: the OpenAPI, the Stream gateway, or the QR-code app registration."""
 
 
 class DingTalkAuthError(DingTalkError):
