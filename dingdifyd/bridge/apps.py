@@ -19,7 +19,7 @@ from dingdifyd.bridge import session
 from dingdifyd.bridge.inputs import AppParameters, context_inputs, text_input_variable
 from dingdifyd.bridge.ports import AnswerSource
 from dingdifyd.config import BotConfig, RouteConfig
-from dingdifyd.errors import PeerError
+from dingdifyd.errors import PeerError, brief
 from dingdifyd.logs.setup import register_secret
 from dingdifyd.models import IncomingMessage
 
@@ -76,7 +76,7 @@ class ParametersCache:
                 self._value = AppParameters.parse(raw)
                 self._next_fetch = self._clock() + self._ttl
             except (PeerError, TimeoutError) as exc:
-                log.warning("could not read the Dify app's settings (GET /parameters): %s", _brief(exc))
+                log.warning("could not read the Dify app's settings (GET /parameters): %s", brief(exc))
                 self._next_fetch = self._clock() + self._retry_after
         return self._value
 
@@ -130,7 +130,7 @@ class DifyApp:
                     return []
                 return await self.client.suggested_questions(message_id, user)
         except (PeerError, TimeoutError) as exc:
-            log.info("no suggested questions for message %s: %s", message_id, _brief(exc))
+            log.info("no suggested questions for message %s: %s", message_id, brief(exc))
             return []
 
 
@@ -181,10 +181,3 @@ class AppRouter:
 
     def route_for(self, message: IncomingMessage) -> DifyApp:
         return self._by_conversation.get(message.conversation_id, self.default)
-
-
-def _brief(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    code = getattr(exc, "code", None)
-    return f"{type(exc).__name__}{f' {code}' if code else ''}"

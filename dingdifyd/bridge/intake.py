@@ -30,7 +30,7 @@ def answerable(message: IncomingMessage) -> bool:
     return bool(message.user_id and message.conversation_id)
 
 
-def dingtalk_error(message: IncomingMessage) -> str | None:
+def delivery_error(message: IncomingMessage) -> str | None:
     """The error DingTalk delivered instead of the message content, if it did."""
     content = message.content if isinstance(message.content, Mapping) else {}
     error = content.get("errorMessage")
@@ -41,7 +41,7 @@ def dingtalk_error(message: IncomingMessage) -> str | None:
 
 def refusal(message: IncomingMessage, *, max_chars: int) -> str | None:
     """What to tell the person instead of asking Dify, or None when the message may go on."""
-    error = dingtalk_error(message)
+    error = delivery_error(message)
     if error is not None:
         # DingTalk's own words, not the person's: safe to log (shortened)
         log.warning(

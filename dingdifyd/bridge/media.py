@@ -134,7 +134,7 @@ class OutgoingMedia:
         message: IncomingMessage,
         public_base: str,
         dify: DifyFiles | None,
-        dingtalk: MessageFiles | None,
+        chat: MessageFiles | None,
         delivery: str = "card",
         origins: Iterable[str] = (),
         transfers: MediaTransfers | None = None,
@@ -143,7 +143,7 @@ class OutgoingMedia:
         self.public_base = public_base
         self.origins = tuple(origins)  # where else Dify serves files (its FILES_URL host)
         self.dify = dify
-        self.dingtalk = dingtalk
+        self.chat = chat  # where the person chats: its media store and messages
         self.delivery = delivery
         self.transfers = transfers or MediaTransfers()
         self._items: dict[str, _Item] = {}
@@ -154,7 +154,7 @@ class OutgoingMedia:
 
     @property
     def can_rehost(self) -> bool:
-        return self.dify is not None and self.dingtalk is not None
+        return self.dify is not None and self.chat is not None
 
     # --- what Dify gave ---------------------------------------------------------------------------------
 
@@ -202,7 +202,7 @@ class OutgoingMedia:
             return await self._transfer(item)
 
     async def _transfer(self, item: _Item) -> str:
-        assert self.dify is not None and self.dingtalk is not None
+        assert self.dify is not None and self.chat is not None
         if item.source.startswith("data:"):
             content_type = item.source[5:].split(";", 1)[0]
             decoded = decode_data_url(item.source)
@@ -222,7 +222,7 @@ class OutgoingMedia:
             name = f"{name}.{extension}" if extension else name
         kind = "image" if item.kind == "image" else "file"
         content_type = content_type or att.mime_type_of(name)
-        media_id = await self.dingtalk.upload(data, filename=name, content_type=content_type, kind=kind)
+        media_id = await self.chat.upload(data, filename=name, content_type=content_type, kind=kind)
         item.name = name
         return media_id
 
@@ -321,7 +321,7 @@ class OutgoingMedia:
     def after_card(self) -> list[dict[str, str]]:
         """What goes out after the card, in order, as plain data (kept with the answer in flight, so that a
         successor sends what was not sent): images (delivery "message") and files, one message each."""
-        if self.dingtalk is None:
+        if self.chat is None:
             return []
         self._collect()
         sends: list[dict[str, str]] = []
@@ -358,7 +358,7 @@ def _key_of(source: str) -> str:
 
 
 async def send_after_card(
-    dingtalk: MessageFiles,
+    chat: MessageFiles,
     message: IncomingMessage,
     send: Mapping[str, str],
     plain_reply: Callable[[str], Awaitable[None]],
@@ -367,9 +367,9 @@ async def send_after_card(
     name = str(send.get("name") or "")
     try:
         if send.get("kind") == "image":
-            await dingtalk.send_image(message, str(send["target"]))
+            await chat.send_image(message, str(send["target"]))
         else:
-            await dingtalk.send_file(message, str(send["target"]), name)
+            await chat.send_file(message, str(send["target"]), name)
     except PeerError as exc:
         log.warning("message %s: sending a file after the card failed: %s", message.msg_id, exc)
         with contextlib.suppress(PeerError):

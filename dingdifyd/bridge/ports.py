@@ -11,12 +11,27 @@ from dingdifyd.models import IncomingMessage
 
 
 class CardSink(Protocol):
-    """One reply card that a growing answer streams into."""
+    """One reply card that a growing answer streams into. Each method makes one call (the card scheduler gives
+    turns to calls); a failure is a PeerError whose `retryable` and `rate_limited` say what the streamer does."""
 
-    async def open(self) -> None: ...
+    @property
+    def available(self) -> bool:
+        """False: do not even try to create this card (cards are off for a while); answer with a plain reply."""
+        ...
+
+    async def open(self) -> None:
+        """Create the card. Raises CardAlreadyExists when it exists already: an earlier process created it (the
+        answer is resumed), or an earlier attempt did before it seemed to fail."""
+        ...
+
     async def update(self, text: str) -> None: ...
     async def finish(self, text: str) -> None: ...
     async def fail(self, text: str) -> None: ...
+
+    def fall_back(self, exc: Exception) -> bool:
+        """`open` failed for good with `exc`: switch to another way of showing the card (e.g. another template)
+        and return True to have that created instead, or return False to give up on the card."""
+        ...
 
 
 class ReplyChannel(Protocol):

@@ -30,7 +30,7 @@ class RichAnswer:
             public_base=_without_v1(getattr(dify, "base_url", "")) or bot.dify.public_base,
             origins=getattr(dify, "file_origins", ()),  # the only other origin files are fetched from
             dify=dify if isinstance(dify, DifyFiles) else None,
-            dingtalk=files,
+            chat=files,
             delivery=shown.image_delivery,
             transfers=transfers,
         )

@@ -126,7 +126,7 @@ class BridgeService:
         self._not_taken_keys = RecentIds(10000)  # messages not ACKed here: DingTalk delivers them again, late
         # pictures and files both ways (DingTalk's side; without it, e.g. in the terminal chat, text only)
         self.files = files
-        self.incoming = IncomingFiles(bot=bot, dingtalk=files)
+        self.incoming = IncomingFiles(bot=bot, chat=files)
         self.media_transfers = MediaTransfers()  # Dify's images and files on their way: a few at a time
         # which Dify app answers a message: the bot's own, or a route's (`routes:`)
         self.apps = apps
@@ -347,14 +347,7 @@ class BridgeService:
             raise
         except PeerError as exc:
             error = exc
-            log.warning(
-                "message %s: %s (status=%s code=%s): %s",
-                message.msg_id,
-                type(exc).__name__,
-                getattr(exc, "status", None),
-                getattr(exc, "code", None),
-                exc,
-            )
+            log.warning("message %s: %s", message.msg_id, exc.brief())
             await streamer.fail(_with_note(streamer.text, failure_note(exc)))
         except Exception as exc:
             error = exc

@@ -5,10 +5,6 @@ One call per turn, at most one in flight per card, and what is sent is decided w
 newest text always wins and nothing is lost: the final call carries exactly the full answer. Creating the card
 does not hold up the answer (the first text waits for it instead); when the card cannot be created, or its
 final call fails for good, the final text goes out as a plain reply, so the person is never left with silence.
-
-Besides the CardSink methods, a card may offer `available` (False: do not even try, reply instead) and
-`fall_back(exc) -> bool` (creating it was refused for good: switch to another way of showing it, e.g. another
-template, and return True to have that created instead).
 """
 
 from __future__ import annotations
@@ -20,13 +16,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 from dingdifyd.bridge.ports import CardSink
-from dingdifyd.errors import DingTalkRateLimited, DingTalkUnavailable, PeerError
+from dingdifyd.errors import CardAlreadyExists, PeerError, brief
 from dingdifyd.pacing.coalesce import UpdatePolicy
 from dingdifyd.pacing.scheduler import CREATE, WRITE, CardScheduler, Priority, TurnOutcome
 
 log = logging.getLogger(__name__)
 
-CARD_ALREADY_EXISTS = "param.cardAlreadyExist"
 # Creating and ending a card are tried this often (DingTalk busy, timeouts) before the answer goes out as a
 # plain reply instead; intermediate updates are simply superseded by the next text.
 MAX_ATTEMPTS = 6
@@ -98,7 +93,7 @@ class CardStreamer:
         """Ask for the card to be created; returns at once (the first text waits for the card, not the answer)."""
         self._open_wanted = True
         self._already_exists_ok = already_exists_ok
-        if not getattr(self._card, "available", True):
+        if not self._card.available:
             self._opened = False
             return
         self._reschedule()
@@ -142,7 +137,7 @@ class CardStreamer:
             self.delivered_by = "reply"
             self._shown_now()
         except PeerError as exc:
-            log.error("the answer could not be delivered at all: card and plain reply failed (%s)", _brief(exc))
+            log.error("the answer could not be delivered at all: card and plain reply failed (%s)", brief(exc))
 
     # --- turns -----------------------------------------------------------------------------------------
 
@@ -224,9 +219,8 @@ class CardStreamer:
         if call is _Call.OPEN:
             try:
                 await self._card.open()
-            except PeerError as exc:
-                exists = getattr(exc, "code", None) == CARD_ALREADY_EXISTS
-                if not (exists and (self._already_exists_ok or self._maybe_created)):
+            except CardAlreadyExists:
+                if not (self._already_exists_ok or self._maybe_created):
                     raise
                 # resuming an answer whose card an earlier process created, or our own earlier attempt did
             self._opened = True
@@ -245,8 +239,8 @@ class CardStreamer:
             self._shown_now()
 
     def _failed(self, call: _Call, exc: Exception) -> TurnOutcome:
-        rate_limited = isinstance(exc, DingTalkRateLimited)
-        retryable = rate_limited or isinstance(exc, DingTalkUnavailable) or (getattr(exc, "status", 0) or 0) >= 500
+        rate_limited = isinstance(exc, PeerError) and exc.rate_limited
+        retryable = isinstance(exc, PeerError) and exc.retryable  # anything else is a bug: refused for good
         outcome = TurnOutcome.RATE_LIMITED if rate_limited else TurnOutcome.FAILED
         if call is _Call.OPEN and retryable and not rate_limited:
             self._maybe_created = True  # DingTalk may have created it before failing: a retry may see it exist
@@ -260,24 +254,23 @@ class CardStreamer:
         if retryable and (call is _Call.UPDATE or patient):
             # rate limits hold the whole app (the scheduler's business); other failures back off this card
             self._retry_at = None if rate_limited else self._scheduler.retry_at(self._attempts)
-            log.debug("card call failed (%s); retrying: %s", call.value, _brief(exc))
+            log.debug("card call failed (%s); retrying: %s", call.value, brief(exc))
             return outcome
         self._retry_at = None
         if call is _Call.OPEN:
-            fall_back = getattr(self._card, "fall_back", None)
-            if not retryable and fall_back is not None and fall_back(exc):
+            if not retryable and self._card.fall_back(exc):
                 self._failed_call = None
                 return outcome  # the card switched to its next way of being shown: create that
             self._opened = False
-            log.info("card could not be created (%s); the answer will be sent as a plain reply", _brief(exc))
+            log.info("card could not be created (%s); the answer will be sent as a plain reply", brief(exc))
             self._settle(False)
         elif call is _Call.FINAL:
-            log.info("final card update failed (%s); sending a plain reply instead", _brief(exc))
+            log.info("final card update failed (%s); sending a plain reply instead", brief(exc))
             self._settle(False)
         else:
             # later updates would fail alike (e.g. content too large); the final call still tries
             self._updates_broken = True
-            log.info("card update failed (%s); the card waits for the final answer", _brief(exc))
+            log.info("card update failed (%s); the card waits for the final answer", brief(exc))
         return outcome
 
     def _shown_now(self) -> None:
@@ -287,10 +280,3 @@ class CardStreamer:
     def _settle(self, delivered: bool) -> None:
         if self._final is not None and not self._final.done():
             self._final.set_result(delivered)
-
-
-def _brief(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    status = getattr(exc, "status", None)
-    details = ", ".join(str(x) for x in (status, code) if x)
-    return f"{type(exc).__name__}{f' {details}' if details else ''}: {exc}"

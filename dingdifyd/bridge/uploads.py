@@ -14,7 +14,7 @@ from dingdifyd.bridge import attachments as att
 from dingdifyd.bridge.apps import DifyApp
 from dingdifyd.bridge.ports import DifyFiles, MessageFiles
 from dingdifyd.config import BotConfig
-from dingdifyd.errors import DifyAuthError, DifyError, DifyUnavailable, DingTalkError
+from dingdifyd.errors import DifyAuthError, DifyError, DifyUnavailable, PeerError
 from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,9 @@ class Question:
 class IncomingFiles:
     """Turns a message's files into what its Dify app takes. One per bot; apps (routes) are told per call."""
 
-    def __init__(self, *, bot: BotConfig, dingtalk: MessageFiles | None):
+    def __init__(self, *, bot: BotConfig, chat: MessageFiles | None):
         self.bot = bot
-        self.dingtalk = dingtalk
+        self.chat = chat  # where the person chats: the files they sent
 
     async def prepare(self, message: IncomingMessage, text: str, *, user: str, app: DifyApp) -> Question:
         """The query, files and file inputs for this message to `app`. Raises DifyError only when the app
@@ -56,7 +56,7 @@ class IncomingFiles:
             if text:
                 return Question(query=text)
             return Question(reply=VOICE_NOT_RECOGNISED if message.msg_type == "audio" else NO_TEXT)
-        if self.dingtalk is None or not isinstance(dify, DifyFiles):
+        if self.chat is None or not isinstance(dify, DifyFiles):
             notes = [FILES_UNSUPPORTED.format(label=a.label) for a in attachments]
             return Question(query=text, notes=notes) if text else Question(reply="\n\n".join(notes))
 
@@ -111,7 +111,7 @@ class IncomingFiles:
         attachments = att.attachments_of(message)[: max(limit, 1)]
         if not attachments:
             return NO_FILE
-        if self.dingtalk is None or not isinstance(dify, DifyFiles):
+        if self.chat is None or not isinstance(dify, DifyFiles):
             return FILES_UNSUPPORTED.format(label=attachments[0].label)
         rules = att.UploadRules()  # the form field decides what it takes; sizes are Dify's defaults
         placements = [att.Placement(a, dify_type=a.dify_type) for a in attachments]
@@ -130,11 +130,11 @@ class IncomingFiles:
         """Fetch one file from DingTalk and upload it to Dify: its `files` entry, or why it was not sent."""
         if not placement.accepted:
             return placement.refusal
-        assert self.dingtalk is not None
+        assert self.chat is not None
         attachment = placement.attachment
         try:
-            data = await self.dingtalk.download(message, attachment.download_code)
-        except DingTalkError as exc:
+            data = await self.chat.download(message, attachment.download_code)
+        except PeerError as exc:
             log.warning("message %s: downloading %s failed: %s", message.msg_id, attachment.kind, exc)
             return DOWNLOAD_FAILED.format(label=attachment.label)
         limit = rules.size_limit(placement.dify_type)

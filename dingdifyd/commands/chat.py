@@ -125,9 +125,14 @@ class TerminalCard:
     new line instead of rewriting the old one.
     """
 
+    available = True  # a terminal always shows cards
+
     def __init__(self, screen: Screen):
         self.screen = screen
         self.shown = ""
+
+    def fall_back(self, exc: Exception) -> bool:
+        return False  # opening never fails: there is nothing to fall back to
 
     async def open(self) -> None:
         # the prompt at once says the bot is on it; when another card is writing, this one waits for its text

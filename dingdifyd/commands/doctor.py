@@ -45,7 +45,9 @@ from dingdifyd.errors import (
     DingTalkAuthError,
     DingTalkError,
     DingTalkUnavailable,
+    PeerError,
     UnsupportedAppMode,
+    brief,
 )
 from dingdifyd.worker.apps import key_path
 
@@ -92,16 +94,7 @@ def exit_status(checks: Sequence[Check]) -> int:
 
 
 def _unreachable(name: str, exc: BaseException, where: str) -> Check:
-    return fail(name, f"could not ask ({_brief(exc)})", f"check that {where} is reachable from here", EX_UNAVAILABLE)
-
-
-def _brief(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    status = getattr(exc, "status", None)
-    code = getattr(exc, "code", None)
-    details = " ".join(str(x) for x in (status, code) if x)
-    return f"{type(exc).__name__}{f' {details}' if details else ''}"
+    return fail(name, f"could not ask ({brief(exc)})", f"check that {where} is reachable from here", EX_UNAVAILABLE)
 
 
 def _permission_denied(exc: BaseException) -> bool:
@@ -209,7 +202,7 @@ class BotDoctor:
             return [_unreachable(permission, outcome, self.bot.dingtalk.api_base),
                     skip("card template", "needs the card API")]  # fmt: skip
         checks = [ok(permission, "Card.Instance.Write granted")]
-        code = getattr(outcome, "code", None) or ""
+        code = outcome.code if isinstance(outcome, PeerError) else None
         key = f"{self.where}.dingtalk_ai_card_template_id"
         if code == "param.templateNotExist":
             fix = f"set {key} to your AI card template's id (card platform; it ends in .schema), or remove it"
@@ -231,7 +224,7 @@ class BotDoctor:
                 check = fail if blocking else warn
                 self.checks.append(check(name, f"{scope} is not granted: {without}", fix))
                 return
-            if isinstance(exc, DingTalkUnavailable | TimeoutError) or exc.status == 401:  # type: ignore[union-attr]
+            if isinstance(exc, DingTalkUnavailable | TimeoutError) or exc.status == 401:
                 self.checks.append(_unreachable(name, exc, self.bot.dingtalk.api_base))
                 return
         self.checks.append(ok(name, f"{scope} granted"))
@@ -249,7 +242,7 @@ class BotDoctor:
                 report = await inspect_app(client, configured)
         except DifyAuthError as exc:
             fix = f"set {where}.dify_app_api_key to the app's API key (Dify: the app > API Access)"
-            self.checks.append(fail(f"Dify key{label}", f"refused by {url} ({_brief(exc)})", fix))
+            self.checks.append(fail(f"Dify key{label}", f"refused by {url} ({brief(exc)})", fix))
             self.checks.append(skip(f"Dify app type{label}", "needs an accepted key"))
             self.checks.append(skip(f"Dify inputs{label}", "needs an accepted key"))
             return

@@ -37,7 +37,7 @@ from dingdifyd.config import DAEMON_GROUP, SECRET_KEYS, DifyTimeouts, Secret
 from dingdifyd.dify.apptype import inspect_app
 from dingdifyd.dify.client import DifyClient
 from dingdifyd.dingtalk.api import DingTalkApi
-from dingdifyd.dingtalk.registration import WAIT_CAP, AppRegistration, RegistrationError
+from dingdifyd.dingtalk.registration import WAIT_CAP, AppRegistration
 from dingdifyd.errors import DifyAuthError, DifyError, DingTalkAuthError, DingTalkError
 
 DEFAULT_DIFY_URL = "https://api.dify.ai/v1"
@@ -171,7 +171,7 @@ class Setup:
         registration = AppRegistration(self.http, base=self.oapi_base)
         try:
             pending = await registration.begin()
-        except RegistrationError as exc:
+        except DingTalkError as exc:  # a RegistrationError, or DingTalk out of reach
             say(f"The QR registration could not start: {exc}.")
             return False
         say("\nScan this code with the DingTalk app (请使用钉钉扫码，创建机器人应用):\n")
@@ -181,7 +181,7 @@ class Setup:
             "registration. Waiting for the scan (Ctrl-C to stop)...")  # fmt: skip
         try:
             app = await registration.wait(pending, cap=self.registration_cap)
-        except RegistrationError as exc:
+        except DingTalkError as exc:  # refused, expired, or DingTalk out of reach
             say(f"The QR registration did not complete: {exc}.")
             return False
         if not await self.token_ok(app.client_id, app.client_secret):

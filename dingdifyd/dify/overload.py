@@ -5,6 +5,9 @@ A stock Dify whose database pool is exhausted answers 500 after its pool timeout
 limit ... reached, connection timed out"), or stalls; a Dify restarting refuses or resets connections; a
 proxy in front of it answers 502/503/504. A 4xx, a conversation not found, a refused key or an error event
 inside a running stream (the model provider failed) are answers of a Dify that copes.
+
+This is narrower than `PeerError.retryable` (worth asking again later): a rate limit, and the refusals of our
+own circuit and queue, are worth another try later but say nothing of whether Dify copes.
 """
 
 from __future__ import annotations

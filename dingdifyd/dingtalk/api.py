@@ -22,9 +22,16 @@ from typing import Any
 import aiohttp
 
 from dingdifyd.config import Secret
-from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
+from dingdifyd.errors import (
+    CardAlreadyExists,
+    DingTalkAuthError,
+    DingTalkError,
+    DingTalkPermissionDenied,
+    DingTalkRateLimited,
+    DingTalkUnavailable,
+)
 from dingdifyd.models import GROUP_CHAT
-from dingdifyd.pacing.bucket import ExponentialBackoff
+from dingdifyd.pacing.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +63,6 @@ def _error_code(payload: Mapping[str, Any]) -> str:
     return "" if code is None else str(code)
 
 
-def _is_retryable(status: int, code: str) -> bool:
-    return status == 429 or status >= 500 or (status == 403 and code.startswith(QPS_LIMIT_CODE_PREFIX))
-
-
-class DingTalkPermissionDenied(DingTalkError):
-    """403 AccessTokenPermissionDenied: the app lacks a permission (scope) the call needs."""
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 required_scopes: tuple[str, ...] = ()):
-        super().__init__(message, status=status, code=code)
-        self.required_scopes = required_scopes
-
-
 def _required_scopes(payload: Mapping[str, Any]) -> tuple[str, ...]:
     detail = payload.get("accessdenieddetail")
     scopes = detail.get("requiredScopes") if isinstance(detail, dict) else None
@@ -76,6 +70,7 @@ def _required_scopes(payload: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _error_for(api: str, status: int, payload: Mapping[str, Any]) -> DingTalkError:
+    """The error for a non-2xx answer; its `retryable` says whether the call is worth another try."""
     code = _error_code(payload)
     message = str(payload.get("message") or payload.get("errmsg") or "")[:200]
     text = f"DingTalk {api} failed: HTTP {status}"
@@ -92,6 +87,8 @@ def _error_for(api: str, status: int, payload: Mapping[str, Any]) -> DingTalkErr
         return DingTalkRateLimited(text, status=status, code=code or None)
     if status >= 500:
         return DingTalkUnavailable(text, status=status, code=code or None)
+    if code == CARD_ALREADY_EXISTS:
+        return CardAlreadyExists(text, status=status, code=code)
     return DingTalkError(text, status=status, code=code or None)
 
 
@@ -100,6 +97,23 @@ def describe_transport_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect to {exc.host}:{exc.port}"
     return type(exc).__name__
+
+
+async def exchange(
+    session: aiohttp.ClientSession, method: str, url: str, *, what: str, timeout: float, **request: Any
+) -> tuple[int, bytes]:
+    """One HTTP exchange with DingTalk (the OpenAPI, the Stream gateway, the app registration): its status and
+    body. No redirect is followed (a body may hold the app's secret). A failure to get an answer is
+    DingTalkUnavailable, `what` saying of which call; its text never quotes the URL."""
+    try:
+        async with session.request(
+            method, url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False, **request
+        ) as response:
+            return response.status, await response.read()
+    except TimeoutError:
+        raise DingTalkUnavailable(f"{what}: no answer within {timeout:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise DingTalkUnavailable(f"{what}: {describe_transport_error(exc)}") from None
 
 
 class DingTalkApi:
@@ -128,7 +142,6 @@ class DingTalkApi:
         self._api_base = api_base.rstrip("/")
         self._oapi_base = oapi_base.rstrip("/")
         self._timeout = timeout
-        self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self._clock = clock
         self._on_call = on_call
         self._on_result = on_result  # (api, HTTP status or None when unanswered, error code): the metrics
@@ -204,17 +217,10 @@ class DingTalkApi:
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        try:
-            async with self._session.request(
-                method, url, json=body, data=form, params=params, headers=headers,
-                timeout=self._client_timeout, allow_redirects=False,
-            ) as response:
-                raw = await response.read()
-                status = response.status
-        except TimeoutError:
-            raise DingTalkUnavailable(f"DingTalk {api}: no answer within {self._timeout:g}s") from None
-        except aiohttp.ClientError as exc:
-            raise DingTalkUnavailable(f"DingTalk {api}: {describe_transport_error(exc)}") from None
+        status, raw = await exchange(
+            self._session, method, url, what=f"DingTalk {api}", timeout=self._timeout,
+            json=body, data=form, params=params, headers=headers,
+        )  # fmt: skip
         log.debug("DingTalk %s: HTTP %s", api, status)
         return status, raw
 
@@ -232,7 +238,7 @@ class DingTalkApi:
         """One logical call, with up to `attempts` tries (default: the client's). `ok_on_retry`: error codes
         that mean an earlier attempt of this same call did succeed (e.g. the card exists because the first,
         5xx-answered try created it)."""
-        backoff = ExponentialBackoff(base=self._retry_base_delay, cap=self._retry_max_delay, rng=self._rng)
+        backoff = Backoff(self._retry_base_delay, self._retry_max_delay, rand=self._rng)
         max_attempts = max(1, attempts) if attempts is not None else self._max_attempts
         token_renewed = False
         while True:
@@ -258,15 +264,16 @@ class DingTalkApi:
                 self._drop_token(token)
                 log.info("DingTalk %s: token refused (401), fetching a new one", api)
                 continue
-            if backoff.attempt > 0 and code in ok_on_retry:
+            if backoff.attempts > 0 and code in ok_on_retry:
                 return payload
-            if _is_retryable(status, code) and backoff.attempt + 1 < max_attempts:
+            error = _error_for(api, status, payload)
+            if error.retryable and backoff.attempts + 1 < max_attempts:
                 delay = backoff.next_delay()
                 log.warning("DingTalk %s: HTTP %s %s, retry %d in %.2fs",
-                            api, status, code, backoff.attempt, delay)
+                            api, status, code, backoff.attempts, delay)
                 await asyncio.sleep(delay)
                 continue
-            raise _error_for(api, status, payload)
+            raise error
 
     def _count(self, api: str) -> None:
         """Every OpenAPI call that reached DingTalk counts against the org's monthly quota (token calls do not)."""

@@ -13,6 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from dingdifyd.errors import DingTalkPermissionDenied, PeerError, brief
+
 log = logging.getLogger(__name__)
 
 CARD_SCOPES = "Card.Streaming.Write / Card.Instance.Write"
@@ -62,10 +64,10 @@ def hint_for(code: str | None, *, status: int | None = None, required_scopes: tu
 
 def describe(exc: BaseException) -> tuple[str, str]:
     """(the cause, as a short stable key for `CauseLog`; the hint) of a DingTalk error."""
-    code = getattr(exc, "code", None)
-    status = getattr(exc, "status", None)
+    code, status = (exc.code, exc.status) if isinstance(exc, PeerError) else (None, None)
+    scopes = exc.required_scopes if isinstance(exc, DingTalkPermissionDenied) else ()
     cause = str(code or status or type(exc).__name__)
-    return cause, hint_for(code, status=status, required_scopes=getattr(exc, "required_scopes", ()))
+    return cause, hint_for(code, status=status, required_scopes=scopes)
 
 
 class CauseLog:
@@ -78,7 +80,7 @@ class CauseLog:
     def failed(self, stage: str, exc: BaseException, then: str) -> bool:
         """`stage` failed with `exc`; `then` says what happens instead. True when this was the first time."""
         cause, hint = describe(exc)
-        return self.note(stage, cause, f"{stage} failed ({type(exc).__name__} {cause}); {then}", hint)
+        return self.note(stage, cause, f"{stage} failed ({brief(exc)}); {then}", hint)
 
     def note(self, stage: str, cause: str, message: str, hint: str = "") -> bool:
         first = (stage, cause) not in self._seen

@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 
 from dingdifyd.config import Secret
+from dingdifyd.dingtalk.api import exchange
+from dingdifyd.errors import DingTalkError, RegistrationError, RegistrationExpired, RegistrationRefused
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +30,6 @@ MIN_INTERVAL = 2.0  # DingTalk's document says 5, 2 was seen live; faster is nev
 DEFAULT_INTERVAL = 5.0
 WAIT_CAP = 600.0  # an admin at a terminal: ten minutes, not the two hours a device code may live
 RETRY_WINDOW = 120.0  # network trouble while polling is waited out this long (as the official connector does)
-
-
-class RegistrationError(Exception):
-    """The registration cannot go on; `str()` says what happened, for the admin."""
-
-
-class RegistrationRefused(RegistrationError):
-    """FAIL: the scan was refused (by the admin, or by DingTalk, e.g. an account in no organisation)."""
-
-
-class RegistrationExpired(RegistrationError):
-    """EXPIRED, or nobody scanned in time."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +61,7 @@ class AppRegistration:
         self._session = session
         self._base = base.rstrip("/")
         self._source = source
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._clock = clock
         self._sleep = sleep
 
@@ -92,7 +82,7 @@ class AppRegistration:
 
     async def wait(self, pending: PendingRegistration, *, cap: float = WAIT_CAP) -> NewApp:
         """Poll until the admin has scanned and agreed; raises RegistrationRefused / RegistrationExpired /
-        RegistrationError."""
+        RegistrationError / DingTalkUnavailable."""
         deadline = self._clock() + min(pending.expires_in, cap)
         trouble_since: float | None = None
         while True:
@@ -101,7 +91,7 @@ class AppRegistration:
                 raise RegistrationExpired(f"nobody scanned the code within {min(pending.expires_in, cap):.0f} s")
             try:
                 answer = await self._call("poll", {"device_code": pending.device_code})
-            except RegistrationError as exc:
+            except DingTalkError as exc:  # a RegistrationError, or DingTalk out of reach
                 trouble_since = trouble_since if trouble_since is not None else self._clock()
                 if self._clock() - trouble_since > RETRY_WINDOW:
                     raise
@@ -121,22 +111,18 @@ class AppRegistration:
 
     async def _call(self, step: str, body: dict[str, Any]) -> dict[str, Any]:
         url = f"{self._base}/app/registration/{step}"
-        try:
-            async with self._session.post(url, json=body, timeout=self._timeout, allow_redirects=False) as response:
-                raw = await response.read()
-                status = response.status
-        except TimeoutError:
-            raise RegistrationError(f"{step}: DingTalk did not answer in time") from None
-        except aiohttp.ClientError as exc:
-            raise RegistrationError(f"{step}: cannot reach DingTalk ({type(exc).__name__})") from None
+        status, raw = await exchange(
+            self._session, "POST", url, what=f"registration {step}", timeout=self._timeout, json=body
+        )
         try:
             payload = json.loads(raw)
         except ValueError:
             payload = None
         if status != 200 or not isinstance(payload, dict):
-            raise RegistrationError(f"{step}: DingTalk answered HTTP {status}")
+            raise RegistrationError(f"{step}: DingTalk answered HTTP {status}", status=status)
         if payload.get("errcode") not in (0, None):
-            raise RegistrationError(f"{step}: DingTalk refused ({payload.get('errcode')}: {payload.get('errmsg')})")
+            raise RegistrationError(f"{step}: DingTalk refused ({payload.get('errcode')}: {payload.get('errmsg')})",
+                                    status=status, code=str(payload.get("errcode")))
         return payload
 
 

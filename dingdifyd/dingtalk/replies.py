@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.cards import AICard
 from dingdifyd.dingtalk.fallback import TEMPLATE_CODES, CauseLog, TemplateMemory
-from dingdifyd.errors import DingTalkError, DingTalkRateLimited, DingTalkUnavailable, PeerError
+from dingdifyd.errors import DingTalkError, PeerError
 from dingdifyd.models import IncomingMessage
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class DingTalkReplies:
 
 
 class LadderCard:
-    """A CardSink that starts on the first usable rung and, when its template is refused, can `fall_back`
-    to the built-in one. One DingTalk call per method (the scheduler counts on it), attempts left to the
-    scheduler."""
+    """The bridge's CardSink on DingTalk: starts on the first usable rung and, when its template is refused, can
+    `fall_back` to the built-in one. One DingTalk call per method (the scheduler counts on it), attempts left to
+    the scheduler; `open` raises CardAlreadyExists when DingTalk has the card already."""
 
     def __init__(self, replies: DingTalkReplies, message: IncomingMessage, out_track_id: str):
         self._replies = replies
@@ -121,17 +121,17 @@ class LadderCard:
     async def fail(self, text: str) -> None:
         await self._guard("ending a card", self._card.fail(text), then="answering with a plain reply")
 
-    def fall_back(self, exc: BaseException) -> bool:
+    def fall_back(self, exc: Exception) -> bool:
         """After `open` was refused for good: switch to the next rung and return True, or False at the end."""
         if self.rung == TemplateMemory.NONE:
             return False
-        following = self._replies.memory.refused(self.rung, getattr(exc, "code", None))
+        code = exc.code if isinstance(exc, PeerError) else None
+        following = self._replies.memory.refused(self.rung, code)
         if self.rung == TemplateMemory.CONFIGURED:
             stage = f"creating a card with template {self._replies.template_id}"
         else:
             stage = "creating a card with the built-in AI card template"
         then = "using the built-in AI card template instead" if following else "answering with a plain reply"
-        code = getattr(exc, "code", None)
         if self.rung == TemplateMemory.BUILTIN and code in TEMPLATE_CODES:
             self._replies.causes.note(
                 stage, str(code), f"{stage} failed ({code}); {then}",
@@ -151,14 +151,9 @@ class LadderCard:
         try:
             await call
         except DingTalkError as exc:
-            if _transient(exc):
+            if exc.retryable:  # the scheduler retries
                 self._replies.causes.failed(stage, exc, "retrying")
             elif then is not None:
                 self._replies.memory.refused(TemplateMemory.BUILTIN, exc.code)  # may switch cards off a while
                 self._replies.causes.failed(stage, exc, then)
             raise
-
-
-def _transient(exc: DingTalkError) -> bool:
-    """Worth retrying: the scheduler does (rate limits, DingTalk busy or unreachable)."""
-    return isinstance(exc, DingTalkRateLimited | DingTalkUnavailable) or (exc.status or 0) >= 500

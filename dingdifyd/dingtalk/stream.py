@@ -30,10 +30,10 @@ from dingtalk_stream.version import VERSION_STRING
 
 from dingdifyd.bridge.recent import RecentIds
 from dingdifyd.config import Secret
-from dingdifyd.dingtalk.api import describe_transport_error
-from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkUnavailable
+from dingdifyd.dingtalk.api import exchange
+from dingdifyd.errors import DingTalkAuthError, DingTalkError
 from dingdifyd.models import GROUP_CHAT, SINGLE_CHAT, IncomingMessage
-from dingdifyd.pacing.bucket import ExponentialBackoff
+from dingdifyd.pacing.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
         self._on_state = on_state
         self._on_failure = on_failure  # why a connection attempt failed (no secret, no ticket in it)
         self._open_timeout = open_timeout
-        self._backoff = ExponentialBackoff(base=reconnect_min_delay, cap=reconnect_max_delay)
+        self._backoff = Backoff(reconnect_min_delay, reconnect_max_delay)
         self._stable_after = stable_after
         self._frame_tasks: set[asyncio.Task[None]] = set()
         self._malformed_seen = RecentIds(1000)  # malformed frames already logged
@@ -354,17 +354,10 @@ class StreamConnection(dingtalk_stream.DingTalkStreamClient):
             "User-Agent": f"DingTalkStream/1.0 SDK/{VERSION_STRING} Python/{platform.python_version()} "
             "(+https://github.com/open-dingtalk/dingtalk-stream-sdk-python)",
         }
-        timeout = aiohttp.ClientTimeout(total=self._open_timeout)
-        try:
-            async with self._session.post(
-                self._open_url, json=body, headers=headers, timeout=timeout
-            ) as response:
-                status = response.status
-                raw = await response.read()
-        except TimeoutError:
-            raise DingTalkUnavailable(f"gateway open: no answer within {self._open_timeout:g}s") from None
-        except aiohttp.ClientError as exc:
-            raise DingTalkUnavailable(f"gateway open: {describe_transport_error(exc)}") from None
+        status, raw = await exchange(
+            self._session, "POST", self._open_url, what="gateway open", timeout=self._open_timeout,
+            json=body, headers=headers,
+        )  # fmt: skip
         try:
             payload = json.loads(raw)
         except ValueError:

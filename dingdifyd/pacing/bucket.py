@@ -1,10 +1,9 @@
-"""Pure pacing policy for DingTalk calls: a token bucket that keeps one app under its QPS limit, and the
-exponential back-off with jitter used after a refusal or a dropped connection. No I/O and no sleeping here:
-callers ask how long to wait and do the waiting themselves, so both are testable with a fake clock."""
+"""Pure pacing policy for DingTalk calls: a token bucket that keeps one app under its QPS limit (the back-off
+after a refusal is backoff.py's). No I/O and no sleeping here: callers ask how long to wait and do the waiting
+themselves, so it is testable with a fake clock."""
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 
@@ -46,40 +45,3 @@ class TokenBucket:
         """Seconds until a slot is available (0.0: one is available now), without taking it."""
         self._refill()
         return max(0.0, (1.0 - self._tokens) / self.rate)
-
-
-class ExponentialBackoff:
-    """Delays `base * factor**n`, capped at `cap`, each scaled by a random factor in [1 - jitter, 1 + jitter]
-    (and capped again), so many clients refused together do not come back together."""
-
-    def __init__(
-        self,
-        *,
-        base: float = 1.0,
-        factor: float = 2.0,
-        cap: float = 60.0,
-        jitter: float = 0.25,
-        rng: Callable[[], float] = random.random,
-    ):
-        if base < 0 or cap < 0 or factor < 1 or not 0 <= jitter <= 1:
-            raise ValueError("invalid back-off parameters")
-        self.base = base
-        self.factor = factor
-        self.cap = cap
-        self.jitter = jitter
-        self._rng = rng
-        self.attempt = 0
-
-    def delay_for(self, attempt: int) -> float:
-        """The delay before retry number `attempt` (0-based), without changing the state."""
-        nominal = min(self.cap, self.base * self.factor**attempt)
-        spread = 1.0 + self.jitter * (2.0 * self._rng() - 1.0)
-        return min(self.cap, nominal * spread)
-
-    def next_delay(self) -> float:
-        delay = self.delay_for(self.attempt)
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0

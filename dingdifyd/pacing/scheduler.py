@@ -30,7 +30,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
-from dingdifyd.pacing.bucket import ExponentialBackoff, TokenBucket
+from dingdifyd.pacing.backoff import Backoff
+from dingdifyd.pacing.bucket import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,8 @@ class SchedulePolicy:
         self._buckets = {api: TokenBucket(qps, burst=burst, clock=clock) for api in (CREATE, WRITE)} if qps else None
         self._requests: dict[Hashable, _Request] = {}
         self._busy: dict[Hashable, _Request] = {}  # card -> the request whose turn it is taking
-        self._hold = ExponentialBackoff(base=hold_base, factor=1.5, cap=hold_cap, rng=rng)
-        self._retry = ExponentialBackoff(base=retry_base, cap=retry_cap, rng=rng)
+        self._hold = Backoff(hold_base, hold_cap, factor=1.5, rand=rng)
+        self._retry = Backoff(retry_base, retry_cap, rand=rng)
         self._hold_until = float("-inf")
         self._order = itertools.count()
 

@@ -11,13 +11,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from dingdifyd.bridge.session import out_track_id
 from dingdifyd.config import Secret
 from dingdifyd.dingtalk.api import DingTalkApi
 from dingdifyd.dingtalk.cards import BUILTIN_TEMPLATE_ID, AICard
 from dingdifyd.dingtalk.stream import StreamConnection, parse_incoming
-from dingdifyd.errors import DingTalkAuthError, DingTalkError, DingTalkRateLimited, DingTalkUnavailable
+from dingdifyd.errors import (
+    CardAlreadyExists,
+    DingTalkAuthError,
+    DingTalkError,
+    DingTalkRateLimited,
+    DingTalkUnavailable,
+)
 from dingdifyd.models import IncomingMessage
 from dingdifyd.simulator import dingtalk as fd
 from dingdifyd.simulator.dingtalk import FakeDingTalk
@@ -174,7 +181,7 @@ async def test_reconnects_with_a_fresh_ticket_after_a_disconnect_request(fake: F
 
 async def test_a_message_pushed_while_disconnected_arrives_after_the_reconnect(fake: FakeDingTalk, session):
     recorder = Recorder()
-    async with running(make_connection(fake, session, recorder, reconnect_min_delay=0.3)):
+    async with running(make_connection(fake, session, recorder, reconnect_min_delay=0.3, reconnect_max_delay=0.3)):
         await fake.wait_connections(1)
         fake.drop_connections(CLIENT_ID)
         await fake.wait_for(lambda: fake.connections == 0, what="the drop")
@@ -432,9 +439,9 @@ async def test_card_errors_carry_dingtalk_codes_and_are_not_retried(session):
         api = make_api(fake, session)
         card = AICard(api, out_track_id="dup", template_id=TEMPLATE, message=one_to_one(fake))
         await card.open()
-        with pytest.raises(DingTalkError) as duplicate:
+        with pytest.raises(CardAlreadyExists) as duplicate:  # what the card streamer accepts when resuming
             await card.open()
-        assert duplicate.value.code == "param.cardAlreadyExist"
+        assert duplicate.value.code == "param.cardAlreadyExist" and not duplicate.value.retryable
         with pytest.raises(DingTalkError) as too_large:
             await card.update("x" * 65)
         assert too_large.value.code == "param.stream.content"
@@ -499,6 +506,36 @@ async def test_an_unreachable_peer_is_unavailable(session):
     with pytest.raises(DingTalkUnavailable) as raised:
         await api.access_token()
     assert SECRET not in str(raised.value)
+
+
+async def test_the_stream_gateway_is_not_followed_through_a_redirect(session):
+    """The gateway open request carries the app's secret: a redirect elsewhere must not take it along."""
+    elsewhere: list[bytes] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"http://127.0.0.1:{port}/elsewhere"})
+
+    async def catch(request: web.Request) -> web.Response:
+        elsewhere.append(await request.read())
+        return web.json_response({"endpoint": "ws://127.0.0.1:9/", "ticket": "t"})
+
+    app = web.Application()
+    app.router.add_post("/v1.0/gateway/connections/open", redirect)
+    app.router.add_post("/elsewhere", catch)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        connection = StreamConnection(client_id=CLIENT_ID, client_secret=Secret(SECRET),
+                                      api_base=f"http://127.0.0.1:{port}", session=session,
+                                      on_message=lambda message: None, open_timeout=5.0)
+        with pytest.raises(DingTalkError) as refused:
+            await connection.check_gateway()
+        assert refused.value.status == 307 and elsewhere == []
+    finally:
+        await runner.cleanup()
 
 
 async def test_without_pacing_the_fake_does_refuse_a_burst(fake: FakeDingTalk, session):

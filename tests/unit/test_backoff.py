@@ -39,8 +39,27 @@ def test_jitter_never_exceeds_the_maximum() -> None:
 def test_many_failures_neither_overflow_nor_grow_past_the_cap() -> None:
     backoff = Backoff(minimum=1.0, maximum=60.0, factor=10.0, rand=no_jitter)
     delays = [backoff.next_delay() for _ in range(5000)]
-    assert delays[-1] == 60.0
-    assert backoff.attempts < 10
+    assert delays[-1] == 60.0 and max(delays) == 60.0
+    assert backoff.attempts == 5000  # every failure counts, however long since capped
+    assert backoff.delay_for(10**6) == 60.0
+
+
+def test_every_delay_counts_and_a_reset_starts_over() -> None:
+    backoff = Backoff(minimum=1.0, maximum=5.0, factor=2.0, jitter=0.25, rand=no_jitter)
+    assert [backoff.next_delay() for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert backoff.attempts == 5
+    backoff.reset()
+    assert backoff.next_delay() == 1.0
+
+
+def test_the_delay_of_any_attempt_can_be_asked_without_counting_it() -> None:
+    low = Backoff(minimum=2.0, maximum=100.0, jitter=0.25, rand=lambda: 0.0)
+    high = Backoff(minimum=2.0, maximum=100.0, jitter=0.25, rand=lambda: 1.0)
+    assert low.delay_for(1) == pytest.approx(3.0)
+    assert high.delay_for(1) == pytest.approx(5.0)
+    capped = Backoff(minimum=2.0, maximum=4.0, jitter=0.25, rand=lambda: 1.0)
+    assert capped.delay_for(3) == 4.0
+    assert low.attempts == high.attempts == capped.attempts == 0
 
 
 @pytest.mark.parametrize(

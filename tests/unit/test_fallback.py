@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from dingdifyd.dingtalk.api import DingTalkPermissionDenied
 from dingdifyd.dingtalk.fallback import CauseLog, TemplateMemory, describe, hint_for
-from dingdifyd.errors import DingTalkError, DingTalkUnavailable
+from dingdifyd.errors import DingTalkError, DingTalkPermissionDenied, DingTalkUnavailable
 from tests.support.clock import FakeClock
 
 PERMISSION = "Forbidden.AccessDenied.AccessTokenPermissionDenied"
@@ -45,7 +44,8 @@ def test_each_cause_is_logged_once_at_warning_then_at_debug(caplog):
     levels = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "test.causes"]
     assert [level for level, _ in levels] == [logging.WARNING, logging.DEBUG, logging.WARNING]
     first = levels[0][1]
-    assert "creating a card failed (DingTalkError param.templateNotExist); using the built-in template" in first
+    assert ("creating a card failed (DingTalkError 400 param.templateNotExist: no such template); using the "
+            "built-in template") in first
     assert "Fix: check dingtalk_ai_card_template_id" in first
 
 

@@ -33,7 +33,7 @@ def test_without_a_sender_or_a_conversation_there_is_nobody_to_answer():
 def test_a_dingtalk_error_instead_of_content_is_explained_and_logged_without_text(caplog):
     caplog.set_level(logging.INFO)
     quota = message(text=None, errorMessage="robot message quota exhausted (20001)")
-    assert intake.dingtalk_error(quota) == "robot message quota exhausted (20001)"
+    assert intake.delivery_error(quota) == "robot message quota exhausted (20001)"
     assert intake.refusal(quota, max_chars=100) == intake.DINGTALK_ERROR
     assert "quota exhausted" in caplog.text  # DingTalk's words, useful to the admin
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dingdifyd.pacing.bucket import ExponentialBackoff, TokenBucket
+from dingdifyd.pacing.bucket import TokenBucket
 from tests.support.clock import FakeClock
 
 
@@ -64,27 +64,3 @@ def test_no_one_second_window_gets_more_than_rate_plus_one_calls():
 def test_bucket_rejects_nonsense(rate: float, burst: float):
     with pytest.raises(ValueError):
         TokenBucket(rate, burst=burst)
-
-
-def test_backoff_grows_exponentially_up_to_the_cap():
-    backoff = ExponentialBackoff(base=1.0, factor=2.0, cap=5.0, jitter=0.25, rng=lambda: 0.5)
-    assert [backoff.next_delay() for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
-    assert backoff.attempt == 5
-    backoff.reset()
-    assert backoff.next_delay() == 1.0
-
-
-def test_backoff_jitter_stays_within_its_bounds_and_under_the_cap():
-    low = ExponentialBackoff(base=2.0, cap=100.0, jitter=0.25, rng=lambda: 0.0)
-    high = ExponentialBackoff(base=2.0, cap=100.0, jitter=0.25, rng=lambda: 1.0)
-    assert low.delay_for(1) == pytest.approx(3.0)
-    assert high.delay_for(1) == pytest.approx(5.0)
-    capped = ExponentialBackoff(base=2.0, cap=4.0, jitter=0.25, rng=lambda: 1.0)
-    assert capped.delay_for(3) == 4.0
-
-
-def test_backoff_rejects_nonsense():
-    with pytest.raises(ValueError):
-        ExponentialBackoff(factor=0.5)
-    with pytest.raises(ValueError):
-        ExponentialBackoff(jitter=2.0)

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from dingdifyd.bridge.streamer import CardStreamer
-from dingdifyd.errors import DingTalkError, DingTalkRateLimited, DingTalkUnavailable
+from dingdifyd.errors import CardAlreadyExists, DingTalkError, DingTalkRateLimited, DingTalkUnavailable, PeerError
 from dingdifyd.pacing.coalesce import UpdatePolicy
 from dingdifyd.pacing.scheduler import CardScheduler, Pacing
 
@@ -20,11 +20,15 @@ FAST = {"hold_base": 0.001, "hold_cap": 0.002, "retry_base": 0.001, "retry_cap":
 class MemoryCard:
     """A card that records its calls; `failures[call]` lists errors its next calls of that kind raise."""
 
-    def __init__(self, failures: dict[str, list[Exception]] | None = None):
+    def __init__(self, failures: dict[str, list[Exception]] | None = None, *, available: bool = True):
         self.calls: list[tuple[str, str]] = []
         self.failures = failures or {}
         self.gate: asyncio.Event | None = None  # set: calls wait for it (a slow DingTalk)
+        self.available = available
         self.fell_back = False
+
+    def fall_back(self, exc: Exception) -> bool:
+        return False
 
     async def _call(self, kind: str, text: str = "") -> None:
         if self.gate is not None:
@@ -49,7 +53,7 @@ class MemoryCard:
 
 class FallbackCard(MemoryCard):
     def fall_back(self, exc: BaseException) -> bool:
-        if self.fell_back or getattr(exc, "code", None) != "param.templateNotExist":
+        if self.fell_back or not (isinstance(exc, PeerError) and exc.code == "param.templateNotExist"):
             return False
         self.fell_back = True
         return True
@@ -133,12 +137,43 @@ async def test_a_final_that_keeps_failing_goes_out_as_a_plain_reply():
 
 
 async def test_a_card_resumed_by_a_new_process_accepts_that_it_exists():
-    exists = DingTalkError("exists", status=400, code="param.cardAlreadyExist")
+    exists = CardAlreadyExists("exists", status=400, code="param.cardAlreadyExist")
     card, replies = MemoryCard({"open": [exists]}), Replies()
     answer = streamer(card, replies)
     await answer.open(already_exists_ok=True)
     await answer.finish("resumed")
     assert card.calls[-1] == ("finish", "resumed") and replies.sent == []
+
+
+async def test_a_card_an_earlier_failed_attempt_created_is_accepted_when_it_exists():
+    failures: dict[str, list[Exception]] = {"open": [
+        DingTalkError("busy", status=500, code="system.busy"),  # DingTalk may have created it before failing
+        CardAlreadyExists("exists", status=400, code="param.cardAlreadyExist"),
+    ]}
+    card, replies = MemoryCard(failures), Replies()
+    answer = streamer(card, replies)
+    await answer.open()
+    await answer.finish("created once")
+    assert [kind for kind, _ in card.calls] == ["open", "open", "finish"] and replies.sent == []
+
+
+async def test_a_new_card_that_exists_already_is_not_written_to():
+    card = MemoryCard({"open": [CardAlreadyExists("exists", status=400, code="param.cardAlreadyExist")]})
+    replies = Replies()
+    answer = streamer(card, replies)
+    await answer.open()
+    await answer.finish("the answer")
+    assert card.calls == [("open", "")] and replies.sent == ["the answer"]
+
+
+async def test_a_card_that_is_not_available_is_not_tried_and_the_answer_is_a_plain_reply():
+    card, replies = MemoryCard(available=False), Replies()
+    answer = streamer(card, replies)
+    await answer.open()
+    answer.set_text("partial")
+    await answer.finish("the answer")
+    assert card.calls == [] and answer.calls == 0
+    assert replies.sent == ["the answer"] and answer.delivered_by == "reply"
 
 
 @pytest.mark.parametrize(
