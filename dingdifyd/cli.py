@@ -101,7 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")
-    return EX_USAGE
 
 
 def check_config(path: str, *, quiet: bool = False) -> int:

@@ -68,7 +68,7 @@ class FormDesk:
             return form
         try:
             async with asyncio.timeout(FORM_READ_TIMEOUT):
-                definition = await app.client.form(form.token)  # type: ignore[attr-defined]
+                definition = await app.client.form(form.token)
         except DifyError as exc:
             refused = refusal_of(exc)
             if refused is not None and refused.kind in ("expired", "submitted"):
@@ -89,9 +89,7 @@ class FormDesk:
 
         async def submit() -> None:
             try:
-                await app.client.submit_form(  # type: ignore[attr-defined]
-                    token, action=action_id, inputs=inputs, user=pending.dify_user
-                )
+                await app.client.submit_form(token, action=action_id, inputs=inputs, user=pending.dify_user)
             except DifyAuthError:
                 raise
             except DifyError as exc:

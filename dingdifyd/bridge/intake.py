@@ -9,7 +9,6 @@ waiting, they are told plainly what happened, and the log says why (never with t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 from dingdifyd.models import IncomingMessage
 
@@ -32,8 +31,7 @@ def answerable(message: IncomingMessage) -> bool:
 
 def delivery_error(message: IncomingMessage) -> str | None:
     """The error DingTalk delivered instead of the message content, if it did."""
-    content = message.content if isinstance(message.content, Mapping) else {}
-    error = content.get("errorMessage")
+    error = message.content.get("errorMessage")
     if error is None or error == "":
         return None
     return str(error)

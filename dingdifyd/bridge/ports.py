@@ -3,7 +3,7 @@ the terminal chat (`dingdifyd chat`) and the demo's renderer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol, runtime_checkable
 
 from dingdifyd.dify.events import DifyEvent
@@ -52,7 +52,7 @@ class AnswerSource(Protocol):
         conversation_id: str | None = None,
         inputs: dict[str, Any] | None = None,
         files: list[dict[str, Any]] | None = None,
-    ) -> AsyncIterator[DifyEvent]: ...
+    ) -> AsyncGenerator[DifyEvent, None]: ...
 
 
 @runtime_checkable

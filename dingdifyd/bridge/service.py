@@ -524,8 +524,8 @@ class BridgeService:
         refused = next((a for a in att.attachments_of(message)
                         if not forms.accepts(field, a.dify_type, a.extension)), None)  # fmt: skip
         if refused is not None:
-            reply = forms.ANSWER_FILE_WRONG.format(name=field.name, kinds=forms.kinds_of(field), title=pending.title)
-            await streamer.finish(reply)
+            wrong = forms.ANSWER_FILE_WRONG.format(name=field.name, kinds=forms.kinds_of(field), title=pending.title)
+            await streamer.finish(wrong)
             return ANSWERED
         limit = 1 if field.type == "file" else field.max_files or 10
         uploaded = await self.incoming.upload_for_form(message, user=pending.dify_user, app=app, limit=limit)
@@ -585,7 +585,7 @@ class BridgeService:
 
     def _refused_text(
         self, app: DifyApp, message: IncomingMessage, pending: PendingForm, refused: FormAnswerRefused
-    ) -> Done:
+    ) -> str:
         title = pending.title
         if refused.kind == "invalid":  # the form stays: the person may answer again
             return forms.ANSWER_REFUSED.format(title=title, reason=str(refused))

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -97,7 +97,7 @@ def _unreachable(name: str, exc: BaseException, where: str) -> Check:
     return fail(name, f"could not ask ({brief(exc)})", f"check that {where} is reachable from here", EX_UNAVAILABLE)
 
 
-def _permission_denied(exc: BaseException) -> bool:
+def _permission_denied(exc: BaseException | None) -> bool:
     return isinstance(exc, DingTalkError) and exc.status == 403 and exc.code == PERMISSION_DENIED_CODE
 
 
@@ -214,10 +214,12 @@ class BotDoctor:
                                               "refused for its place only)"))  # fmt: skip
         return checks
 
-    async def _scope_probe(self, name: str, scope: str, without: str, call: object, *, blocking: bool) -> None:
+    async def _scope_probe(
+        self, name: str, scope: str, without: str, call: Awaitable[object], *, blocking: bool
+    ) -> None:
         """Call an API with an id that cannot exist: a 4xx about the id means the permission is there."""
         try:
-            await call  # type: ignore[misc]
+            await call
         except (DingTalkError, TimeoutError) as exc:
             if _permission_denied(exc):
                 fix = f"grant {scope} ({PERMISSIONS_HINT})"

@@ -304,7 +304,8 @@ def sealed(config: DaemonConfig) -> DaemonConfig:
 
 def _sealed_bot(bot: BotConfig) -> BotConfig:
     def own(place: str) -> Secret:
-        return get_at(bot, place).sealed()  # type: ignore[no-any-return]
+        secret: Secret = get_at(bot, place)
+        return secret.sealed()
 
     return _with_secrets(bot, own, lambda route, place: get_at(route, place).sealed())
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dingdifyd.config.secret import Secret
 from dingdifyd.config.settings import default_of
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class DaemonConfig:
         raise KeyError(name)
 
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def assemble(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
@@ -165,7 +168,7 @@ def assemble(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     whose type is a dataclass is assembled from the values under its name."""
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for part in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for part in dataclasses.fields(cls):
         place = prefix + part.name
         if dataclasses.is_dataclass(hints[part.name]):
             kwargs[part.name] = assemble(hints[part.name], values, place + ".")
@@ -185,4 +188,4 @@ def replace_at(obj: T, place: str, value: Any) -> T:
     """A copy of `obj` with the value at `place` replaced (frozen parts are copied along the way)."""
     name, _, rest = place.partition(".")
     new = replace_at(getattr(obj, name), rest, value) if rest else value
-    return dataclasses.replace(obj, **{name: new})  # type: ignore[type-var]
+    return dataclasses.replace(obj, **{name: new})

@@ -134,15 +134,16 @@ def _store(value: Any, setting: Setting, problem: Problem) -> str:
 
 def _ids(value: Any, setting: Setting, problem: Problem) -> tuple[str, ...] | None:
     """A list of ids, or a string of them separated by commas or spaces; null: the default."""
+    default: tuple[str, ...] | None = setting.default
     if value is None:
-        return setting.default  # type: ignore[no-any-return]
+        return default
     if isinstance(value, str):
         value = [v for v in value.replace(",", " ").split() if v]
     if isinstance(value, tuple):  # a built-in default
         value = list(value)
     if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
         problem("must be a list of ids")
-        return setting.default  # type: ignore[no-any-return]
+        return default
     return tuple(str(v) for v in value)
 
 

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote, urljoin
 
@@ -160,7 +160,7 @@ class DifyClient:
         conversation_id: str | None = None,
         inputs: dict[str, Any] | None = None,
         files: list[dict[str, Any]] | None = None,
-    ) -> AsyncIterator[DifyEvent]:
+    ) -> AsyncGenerator[DifyEvent, None]:
         """Ask the app and yield its events up to and including the terminal one (pings are not yielded).
 
         Raises DifyError (or a subclass) for an HTTP error, an `error` event, a failed workflow, a timeout,
@@ -186,7 +186,7 @@ class DifyClient:
         snapshot: bool = False,
         deadline: float | None = None,
         subscribed: asyncio.Event | None = None,
-    ) -> AsyncIterator[DifyEvent]:
+    ) -> AsyncGenerator[DifyEvent, None]:
         """`GET /workflow/:run_id/events` (Dify ≥ 1.14, workflow and chatflow apps): the run's events from now
         on, up to and including `workflow_finished` or `workflow_paused`; with `snapshot`, the run so far first
         (replayed from Dify's records). A finished run gives its `workflow_finished` alone. Events are published,
@@ -231,7 +231,7 @@ class DifyClient:
         response: aiohttp.ClientResponse,
         deadline: float,
         is_terminal: Callable[[DifyEvent], bool],
-    ) -> AsyncIterator[DifyEvent]:
+    ) -> AsyncGenerator[DifyEvent, None]:
         """The typed events of an SSE response up to the terminal one; DifyStreamCut when it ends before."""
         content_type = response.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
@@ -513,7 +513,7 @@ class DifyClient:
 
     async def _chunks(
         self, response: aiohttp.ClientResponse, deadline: float | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The body as it arrives; each read may wait at most the idle timeout (and never past `deadline`)."""
         reader = response.content.iter_any().__aiter__()
         while True:
@@ -549,8 +549,9 @@ class DifyClient:
 async def _wait_subscribed(first: asyncio.Future[DifyEvent], subscribed: asyncio.Event) -> None:
     """Until the events request's headers are in; its error (404, 400, refused...) when it fails before."""
     waiter = asyncio.ensure_future(subscribed.wait())
+    either: set[asyncio.Future[Any]] = {first, waiter}
     try:
-        await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
     if first.done() and not subscribed.is_set():
@@ -558,7 +559,9 @@ async def _wait_subscribed(first: asyncio.Future[DifyEvent], subscribed: asyncio
         raise DifyStreamCut("the Dify event stream ended before it began")
 
 
-async def _prepended(first: asyncio.Future[DifyEvent], rest: AsyncIterator[DifyEvent]) -> AsyncIterator[DifyEvent]:
+async def _prepended(
+    first: asyncio.Future[DifyEvent], rest: AsyncIterator[DifyEvent]
+) -> AsyncGenerator[DifyEvent, None]:
     """`first`'s event, then the rest of the stream (the stream ending right away is `first` raising)."""
     try:
         yield await first

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from dingdifyd.dify.forms import HumanInputForm, forms_of_pause, parse_form
 
@@ -129,7 +129,17 @@ class OtherEvent(DifyEvent):
     data: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def _ids(obj: dict[str, Any]) -> dict[str, str]:
+class _Ids(TypedDict):
+    """DifyEvent's own fields, as every event's constructor takes them."""
+
+    event: str
+    conversation_id: str
+    message_id: str
+    task_id: str
+    workflow_run_id: str
+
+
+def _ids(obj: dict[str, Any]) -> _Ids:
     return {
         "event": str(obj.get("event", "")),
         "conversation_id": str(obj.get("conversation_id") or ""),
@@ -143,7 +153,7 @@ def parse_event(obj: dict[str, Any]) -> DifyEvent:
     """Map one decoded chunk to a typed event. Never raises on unknown or oddly shaped events."""
     name = str(obj.get("event", ""))
     ids = _ids(obj)
-    data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
+    data = _object(obj.get("data"))
     if name in ("message", "agent_message"):
         return TextDelta(**ids, text=str(obj.get("answer") or ""))
     if name == "text_chunk":
@@ -190,15 +200,18 @@ def parse_event(obj: dict[str, Any]) -> DifyEvent:
             belongs_to=str(obj.get("belongs_to") or ""),
         )
     if name == "message_end":
-        metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-        return MessageEnd(**ids, metadata=metadata, files=_files(obj.get("files")))
+        return MessageEnd(**ids, metadata=_object(obj.get("metadata")), files=_files(obj.get("files")))
     if name == "workflow_finished":
-        outputs = data.get("outputs") if isinstance(data.get("outputs"), dict) else {}
         return WorkflowFinished(
-            **ids, status=str(data.get("status") or ""), outputs=outputs, error=str(data.get("error") or ""),
-            files=_files(data.get("files")),
+            **ids, status=str(data.get("status") or ""), outputs=_object(data.get("outputs")),
+            error=str(data.get("error") or ""), files=_files(data.get("files")),
         )  # fmt: skip
     return OtherEvent(**ids, data=obj)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object of the chunk, or {} where it has another shape (or none)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _int(value: Any) -> int:

@@ -12,7 +12,7 @@ its outputs (a chatflow's `answer`, a workflow's outputs), the whole answer repl
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from dingdifyd.dify.client import DifyClient
 from dingdifyd.dify.events import DifyEvent, TextDelta, TextReplace, WorkflowFinished, text_from_outputs
@@ -26,7 +26,7 @@ UNAVAILABLE_STATUSES = (400, 404, 405, 501)
 
 async def follow_run_events(
     client: DifyClient, run_id: str, user: str, *, deadline: float, text_so_far: str = ""
-) -> AsyncIterator[DifyEvent]:
+) -> AsyncGenerator[DifyEvent, None]:
     """The rest of run `run_id`, as typed events ending with its terminal one. `text_so_far`: the answer text
     already shown, continued by the run's deltas and replaced by its outputs' answer when that differs.
 

@@ -23,9 +23,9 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from dingdifyd.dify.client import DifyClient, ends_answer_stream
 from dingdifyd.dify.events import DifyEvent, TextDelta, TextReplace, WorkflowFinished, text_from_outputs
@@ -141,7 +141,7 @@ class GuardedAnswers:
         conversation_id: str | None = None,
         inputs: dict[str, Any] | None = None,
         files: list[dict[str, Any]] | None = None,
-    ) -> AsyncIterator[DifyEvent]:
+    ) -> AsyncGenerator[DifyEvent, None]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.client.timeouts.total
         progress = _Progress()
@@ -169,7 +169,7 @@ class GuardedAnswers:
                 self._stop_later(progress, user)
             raise
 
-    async def follow_run(self, *, run_id: str, task_id: str, user: str) -> AsyncIterator[DifyEvent]:
+    async def follow_run(self, *, run_id: str, task_id: str, user: str) -> AsyncGenerator[DifyEvent, None]:
         """The rest of a run an earlier process of this bot started and could not finish (it died): followed on
         the run events route, stopped in Dify if it cannot be finished. RunNotFollowable when this Dify cannot
         follow it (then nothing was read, and the question may be asked again)."""
@@ -198,7 +198,7 @@ class GuardedAnswers:
 
     async def resume_with(
         self, *, run_id: str, task_id: str, user: str, submit: Callable[[], Awaitable[None]]
-    ) -> AsyncIterator[DifyEvent]:
+    ) -> AsyncGenerator[DifyEvent, None]:
         """Resume a paused run by `submit` (a form's answer) and yield what it does next. Its events route is
         subscribed to first: Dify publishes a run's events and keeps none, so the resumed run could otherwise
         start unseen. RunNotFollowable, before anything is submitted, when this Dify cannot be followed; what
@@ -236,7 +236,7 @@ class GuardedAnswers:
                 self._stop_later(progress, user)
             raise
 
-    async def run_result(self, *, run_id: str, task_id: str, user: str) -> AsyncIterator[DifyEvent]:
+    async def run_result(self, *, run_id: str, task_id: str, user: str) -> AsyncGenerator[DifyEvent, None]:
         """A workflow run's end from its record, polled (for a Dify whose events route cannot be used)."""
         deadline = asyncio.get_running_loop().time() + self.client.timeouts.total
         cause = DifyStreamCut(f"run {run_id} could not be followed on its events route")
@@ -247,7 +247,7 @@ class GuardedAnswers:
 
     async def _after_a_break(
         self, progress: _Progress, user: str, deadline: float, cause: DifyError, *, events_tried: bool = False
-    ) -> AsyncIterator[DifyEvent]:
+    ) -> AsyncGenerator[DifyEvent, None]:
         """Follow the run on its events route when Dify has one, else poll a workflow's run record; stop in Dify
         what cannot be followed, and raise `cause`."""
         followable = bool(progress.workflow_run_id) and not isinstance(cause, DifyTotalTimeout)
@@ -284,7 +284,7 @@ class GuardedAnswers:
 
     # --- a workflow that ended stopped -------------------------------------------------------------------
 
-    def _stopped_without_outputs(self, event: DifyEvent) -> bool:
+    def _stopped_without_outputs(self, event: DifyEvent) -> TypeGuard[WorkflowFinished]:
         return (
             isinstance(event, WorkflowFinished)
             and event.status == "stopped"
@@ -319,7 +319,7 @@ class GuardedAnswers:
 
     async def _follow_run(
         self, progress: _Progress, user: str, deadline: float, cause: DifyError
-    ) -> AsyncIterator[DifyEvent]:
+    ) -> AsyncGenerator[DifyEvent, None]:
         """Poll the run record until the run ends or the deadline passes; yield the end of the answer."""
         loop = asyncio.get_running_loop()
         run_id = progress.workflow_run_id

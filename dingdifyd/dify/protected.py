@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,7 +64,7 @@ class _Answers(Protocol):
         conversation_id: str | None = None,
         inputs: dict[str, Any] | None = None,
         files: list[dict[str, Any]] | None = None,
-    ) -> AsyncIterator[DifyEvent]: ...
+    ) -> AsyncGenerator[DifyEvent, None]: ...
 
 
 class DifyProtection:
@@ -135,7 +135,7 @@ class ProtectedAnswers:
         conversation_id: str | None = None,
         inputs: dict[str, Any] | None = None,
         files: list[dict[str, Any]] | None = None,
-    ) -> AsyncIterator[DifyEvent]:
+    ) -> AsyncGenerator[DifyEvent, None]:
         protection = self.protection
         if not protection.circuit.allow():
             raise DifyOverloaded(f"{protection.base}: not asked, most recent requests failed "
@@ -158,7 +158,7 @@ class ProtectedAnswers:
                     stream = self.inner.stream_answer(
                         query=query, user=user, conversation_id=conversation_id, inputs=inputs, files=files
                     )
-                    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                    async with contextlib.aclosing(stream):
                         async for event in stream:
                             if not started:
                                 started = recorded = True
@@ -182,7 +182,7 @@ class ProtectedAnswers:
             if probing and not recorded:
                 protection.circuit.abandon_probe()
 
-    async def _wait(self, ticket: Any) -> AsyncIterator[int]:
+    async def _wait(self, ticket: Any) -> AsyncGenerator[int, None]:
         """Until the ticket's turn: its place each time it changes. Raises DifyQueueFull after too long."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.protection.settings.max_queue_wait

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 
 import sseclient
@@ -78,14 +78,14 @@ def parse_block(block: bytes) -> list[SSEMessage]:
     try:
         return [
             SSEMessage(event=event.event, data=event.data, id=event.id)
-            for event in sseclient.SSEClient([block]).events()
+            for event in sseclient.SSEClient(iter([block])).events()
         ]
     except UnicodeDecodeError:
         log.warning("skipping an SSE block that is not valid UTF-8 (%d bytes)", len(block))
         return []
 
 
-async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[SSEMessage]:
+async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncGenerator[SSEMessage, None]:
     """Yield each event of a byte stream as soon as its block is complete; a cut-off last block counts too."""
     splitter = SSEBlockSplitter()
     async for chunk in chunks:

@@ -189,8 +189,7 @@ class DingTalkApi:
             raise
         token = payload.get("accessToken")
         expire_in = payload.get("expireIn")
-        usable = isinstance(token, str) and token and isinstance(expire_in, int | float) and expire_in > 0
-        if not usable:
+        if not (isinstance(token, str) and token and isinstance(expire_in, int | float) and expire_in > 0):
             raise DingTalkError("DingTalk oauth2.accessToken answered without a usable token")
         now = self._clock()
         # Short test lifetimes would leave nothing after the 5-minute margin: refresh at half-life then.

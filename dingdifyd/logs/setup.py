@@ -147,9 +147,8 @@ def setup_logging(
     stream = sys.stderr if stream is None else stream
     if journal is None:
         journal = connected_to_journal(stream, environ)
-    levelno = logging.getLevelName(level.upper()) if isinstance(level, str) else level
-    if not isinstance(levelno, int):
-        levelno = logging.INFO
+    # an unknown name is INFO (config validation names the levels; this never fails a process over its log)
+    levelno = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     # at DEBUG the SDK's INFO lines (connection endpoint, reconnects) are worth seeing too
     floors = {
         name: min(floor, logging.INFO) if levelno <= logging.DEBUG else floor

@@ -28,7 +28,7 @@ import random
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from dingdifyd.pacing.backoff import Backoff
 from dingdifyd.pacing.bucket import TokenBucket
@@ -75,7 +75,10 @@ class _Request:
     api: str = WRITE  # which bucket its call takes a token from
 
 
-class SchedulePolicy:
+CardT = TypeVar("CardT", bound=Hashable)
+
+
+class SchedulePolicy(Generic[CardT]):
     """Which card's call goes next, and when. Cards are any hashable keys."""
 
     def __init__(
@@ -93,8 +96,8 @@ class SchedulePolicy:
         self._clock = clock
         # burst 1: any one-second window sees at most qps + 1 calls per API, under a fixed 20/s limit per API
         self._buckets = {api: TokenBucket(qps, burst=burst, clock=clock) for api in (CREATE, WRITE)} if qps else None
-        self._requests: dict[Hashable, _Request] = {}
-        self._busy: dict[Hashable, _Request] = {}  # card -> the request whose turn it is taking
+        self._requests: dict[CardT, _Request] = {}
+        self._busy: dict[CardT, _Request] = {}  # card -> the request whose turn it is taking
         self._hold = Backoff(hold_base, hold_cap, factor=1.5, rand=rng)
         self._retry = Backoff(retry_base, retry_cap, rand=rng)
         self._hold_until = float("-inf")
@@ -102,7 +105,7 @@ class SchedulePolicy:
 
     # --- what cards ask --------------------------------------------------------------------------------
 
-    def request(self, card: Hashable, priority: Priority, ready_at: float | None = None, api: str = WRITE) -> bool:
+    def request(self, card: CardT, priority: Priority, ready_at: float | None = None, api: str = WRITE) -> bool:
         """Ask for a turn for `card`'s next call (of API class `api`), not before `ready_at` (default: now). A
         card has one request at a time: asking again updates it and keeps its place. Returns False when nothing
         changed."""
@@ -117,10 +120,10 @@ class SchedulePolicy:
         current.priority, current.ready_at, current.api = priority, ready_at, api
         return True
 
-    def cancel(self, card: Hashable) -> None:
+    def cancel(self, card: CardT) -> None:
         self._requests.pop(card, None)
 
-    def pending(self, card: Hashable) -> bool:
+    def pending(self, card: CardT) -> bool:
         return card in self._requests
 
     def __len__(self) -> int:
@@ -128,7 +131,7 @@ class SchedulePolicy:
 
     # --- turns -----------------------------------------------------------------------------------------
 
-    def poll(self) -> Hashable | None:
+    def poll(self) -> CardT | None:
         """The card whose turn it is now (its call's token taken), or None: see `wait_time`."""
         now = self._clock()
         if now < self._hold_until:
@@ -162,7 +165,7 @@ class SchedulePolicy:
         )
         return max(0.0, soonest, self._hold_until - now)
 
-    def finished(self, card: Hashable, outcome: TurnOutcome) -> float:
+    def finished(self, card: CardT, outcome: TurnOutcome) -> float:
         """The card's call is over. Returns how long the app now holds (0.0 unless it was rate limited)."""
         served = self._busy.pop(card, None)
         if outcome is TurnOutcome.OK:
@@ -191,7 +194,7 @@ class SchedulePolicy:
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
-class Turnable(Protocol):
+class Turnable(Hashable, Protocol):
     """A card that takes turns: one call per turn, then it asks again if it has more to send."""
 
     async def take_turn(self) -> TurnOutcome: ...
@@ -212,7 +215,7 @@ class CardScheduler:
         retry_base: float = 0.5,
         retry_cap: float = 8.0,
     ):
-        self.policy = SchedulePolicy(
+        self.policy: SchedulePolicy[Turnable] = SchedulePolicy(
             qps=qps, clock=clock, hold_base=hold_base, hold_cap=hold_cap, retry_base=retry_base, retry_cap=retry_cap,
         )  # fmt: skip
         self.clock = clock
@@ -243,7 +246,7 @@ class CardScheduler:
             while True:
                 card = self.policy.poll()
                 if card is not None:
-                    task = asyncio.create_task(self._turn(card), name="card-turn")  # type: ignore[arg-type]
+                    task = asyncio.create_task(self._turn(card), name="card-turn")
                     self._turns.add(task)
                     task.add_done_callback(self._turns.discard)
                     continue

@@ -8,7 +8,9 @@ from typing import Any
 import yaml
 
 
-def bot_entry(name: str, *, client_id: str, client_secret: str, app_type: str, dify_key: str, **more: Any) -> dict:
+def bot_entry(
+    name: str, *, client_id: str, client_secret: str, app_type: str, dify_key: str, **more: Any
+) -> dict[str, Any]:
     return {
         "name": name,
         "dingtalk_app_client_id": client_id,

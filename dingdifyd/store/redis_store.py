@@ -25,6 +25,7 @@ lease renewal alone is always tried, since a lapsed lease lets other hosts adopt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -52,6 +53,9 @@ T = TypeVar("T")
 LEASE_TTL = 30.0  # a process silent this long is gone: its answers in flight may be adopted
 SOCKET_TIMEOUT = 1.0
 RETRY_AFTER = 5.0  # after a failure, seconds during which Redis is not asked again
+
+# The client decodes every reply (`decode_responses=True`), so replies are str; redis-py's types cannot know that
+# (they say `bytes | str`), hence the few casts to str types below.
 
 # Claim a message and, in the same step, record its answer in flight (with its owner): a crash between two
 # writes cannot leave a claimed message that nobody answers.
@@ -247,7 +251,7 @@ class RedisStore:
     def claim_message(self, message_key: str, record: InFlight | None = None) -> bool:
         key = self._prefix + "msg:" + message_key
         value = self._encode(record, self.consumer_id) if record is not None else ""
-        args = [self.consumer_id, int(MESSAGE_CLAIM_TTL), value, message_key]
+        args: list[str | int] = [self.consumer_id, int(MESSAGE_CLAIM_TTL), value, message_key]
         return bool(self._must("claiming a message", lambda: self._claim([key, self._inflight], args)))
 
     def get_conversation(self, session_key: str) -> str | None:
@@ -277,7 +281,7 @@ class RedisStore:
 
     def unfinished_answers(self) -> list[InFlight]:
         """The answers in flight of processes whose lease has expired, each now adopted by this one."""
-        raw: dict[str, str] = self._call("listing answers", lambda: self._redis.hgetall(self._inflight), {})
+        raw: dict[str, str] = self._call("listing answers", lambda: self._hash(self._inflight), {})
         if not raw:
             return []
         decoded: dict[str, tuple[str, InFlight]] = {}
@@ -285,7 +289,7 @@ class RedisStore:
             parsed = self._decode(value)
             if parsed is None:
                 log.warning("store: dropping an unreadable in-flight record")
-                self._call("dropping a record", lambda f=field: self._redis.hdel(self._inflight, f), None)
+                self._call("dropping a record", functools.partial(self._redis.hdel, self._inflight, field), None)
             elif parsed[0] != self.consumer_id:
                 decoded[field] = parsed
         owners = sorted({owner for owner, _ in decoded.values()})
@@ -295,7 +299,7 @@ class RedisStore:
             if alive[owner]:
                 continue
             args = [field, raw[field], self._encode(record, self.consumer_id)]
-            won = self._call("adopting an answer", lambda args=args: self._adopt([self._inflight], args), 0)
+            won = self._call("adopting an answer", functools.partial(self._adopt, [self._inflight], args), 0)
             if won == 1:
                 log.info("adopted answer %s from %s, which is gone", record.message_key, owner)
                 adopted.append(record)
@@ -304,7 +308,7 @@ class RedisStore:
     def incr(self, key: str, amount: int = 1, expire: float | None = None) -> int:
         """Add to a counter shared by every host (the DingTalk calls an app made today, this month); returns
         the new value, or 0 while Redis is unreachable."""
-        args = [amount, str(max(int(expire * 1000), 1)) if expire else ""]
+        args: list[str | int] = [amount, str(max(int(expire * 1000), 1)) if expire else ""]
         value = self._call("counting", lambda: self._incr([self._prefix + "count:" + key], args), 0)
         return int(value)
 
@@ -318,13 +322,11 @@ class RedisStore:
     def save_form(self, chat_key: str, person: str, record: dict[str, Any], forget_at: float) -> None:
         value = json.dumps({"forget_at": forget_at, "record": record})
         keep_ms = max(int((forget_at - time.time()) * 1000), 1)
-        args = [person, value, keep_ms]
+        args: list[str | int] = [person, value, keep_ms]
         self._call("saving a form", lambda: self._save_form([self._forms_key(chat_key)], args), None)
 
     def forms_in_chat(self, chat_key: str) -> dict[str, dict[str, Any]]:
-        raw: dict[str, str] = self._call(
-            "reading forms", lambda: self._redis.hgetall(self._forms_key(chat_key)), {}
-        )
+        raw: dict[str, str] = self._call("reading forms", lambda: self._hash(self._forms_key(chat_key)), {})
         now = time.time()
         forms: dict[str, dict[str, Any]] = {}
         for person, value in raw.items():
@@ -376,7 +378,7 @@ class RedisStore:
 
     def peers(self) -> list[str]:
         """The other live processes serving this bot through this store (`host:pid:token`)."""
-        members = self._call("listing peers", lambda: self._redis.smembers(self._consumers), None)
+        members = self._call("listing peers", lambda: cast("set[str]", self._redis.smembers(self._consumers)), None)
         if members is None:
             return self._peers  # unreachable: as far as we know, nothing changed
         others = sorted(m for m in members if m != self.consumer_id)
@@ -403,6 +405,9 @@ class RedisStore:
         self._redis.close()
 
     # --- helpers -----------------------------------------------------------------------------------------
+
+    def _hash(self, key: str) -> dict[str, str]:
+        return cast("dict[str, str]", self._redis.hgetall(key))  # decoded (see the casts above)
 
     def _lease_key(self, owner: str) -> str:
         return self._prefix + "lease:" + owner
@@ -456,14 +461,14 @@ class RedisSlots:
 
     def try_acquire(self, base: str, limit: int, since: float) -> str | None:
         slot = f"{self.owner}:{secrets.token_hex(6)}"
-        args = [limit, int(since * 1000), self.owner, slot, self.lease_ms, self.waiting_ttl_ms]
+        args: list[str | int] = [limit, int(since * 1000), self.owner, slot, self.lease_ms, self.waiting_ttl_ms]
         store = self._store
         won = store._must("taking a Dify slot", lambda: store._slot_take(self._keys(base), args))
         return slot if won == 1 else None
 
     def renew(self, base: str, slot_ids: Sequence[str], waiting_since: float | None) -> None:
         since = "" if waiting_since is None else str(int(waiting_since * 1000))
-        args = [self.lease_ms, self.waiting_ttl_ms, self.owner, since, *slot_ids]
+        args: list[str | int] = [self.lease_ms, self.waiting_ttl_ms, self.owner, since, *slot_ids]
         store = self._store
         store._must("renewing Dify slots", lambda: store._slot_renew(self._keys(base), args))
 

@@ -27,9 +27,11 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from dingdifyd.errors import StoreUnavailable
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class SqliteSlots:
 
     # --- the choke point ---------------------------------------------------------------------------------
 
-    def _transaction(self, what: str, work: Callable[[sqlite3.Connection], object]) -> object:
+    def _transaction(self, what: str, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
@@ -175,7 +177,7 @@ class SqliteSlots:
             )
             return None
 
-        return self._transaction("taking a slot", work)  # type: ignore[return-value]
+        return self._transaction("taking a slot", work)
 
     def renew(self, base: str, slot_ids: Sequence[str], waiting_since: float | None) -> None:
         def work(db: sqlite3.Connection) -> None:

@@ -336,7 +336,7 @@ class Arbiter:
         self._status_note = ""
         old_daemon, old = self._daemon, self._configs
         for key in ("metrics_listen", "status_socket"):
-            if old_daemon is not None and getattr(config, key) != getattr(old_daemon, key):
+            if getattr(config, key) != getattr(old_daemon, key):
                 log.warning("reload: %s changed; it takes effect when the service restarts", key)
         # children were handed the daemon-level settings at fork: if those changed, every child is stale
         daemon_changed = _daemon_settings(config) != _daemon_settings(old_daemon)

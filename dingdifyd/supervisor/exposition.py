@@ -67,22 +67,27 @@ Histograms = dict[tuple[str, Labels], list[float]]
 
 def _parse(snapshot: Mapping[str, Any]) -> tuple[Counters, Histograms]:
     """A snapshot from a bot process, read defensively: whatever is malformed is left out."""
-    counters: dict[tuple[str, Labels], float] = {}
-    histograms: dict[tuple[str, Labels], list[float]] = {}
-    for kind, into in (("c", counters), ("h", histograms)):
-        for item in snapshot.get(kind) or ():
-            try:
-                family, labels, value = item
-                key = (str(family), tuple((str(k), str(v)) for k, v in labels))
-            except (TypeError, ValueError):
-                continue
-            if family not in FAMILIES:
-                continue
-            if kind == "c" and isinstance(value, int | float):
-                into[key] = float(value)  # type: ignore[assignment]
-            elif kind == "h" and isinstance(value, list) and len(value) == len(FAMILIES[family].buckets) + 2:
-                into[key] = [float(v) for v in value]  # type: ignore[assignment]
+    counters: Counters = {}
+    histograms: Histograms = {}
+    for _, key, value in _items(snapshot, "c"):
+        if isinstance(value, int | float):
+            counters[key] = float(value)
+    for family, key, value in _items(snapshot, "h"):
+        if isinstance(value, list) and len(value) == len(FAMILIES[family].buckets) + 2:
+            histograms[key] = [float(v) for v in value]
     return counters, histograms
+
+
+def _items(snapshot: Mapping[str, Any], kind: str) -> Iterator[tuple[str, tuple[str, Labels], Any]]:
+    """The (family, key, value) items of one kind ("c" counters, "h" histograms) of a known family."""
+    for item in snapshot.get(kind) or ():
+        try:
+            family, labels, value = item
+            key = (str(family), tuple((str(k), str(v)) for k, v in labels))
+        except (TypeError, ValueError):
+            continue
+        if family in FAMILIES:
+            yield family, key, value
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def render(bots: Iterable[BotMetrics]) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(list(bots)))  # type: ignore[arg-type]
+    registry.register(_Collector(list(bots)))
     return generate_latest(registry)
 
 

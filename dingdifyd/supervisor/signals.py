@@ -11,12 +11,16 @@ import contextlib
 import os
 import signal
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
+from typing import Any
 
 SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _installed: SignalQueue | None = None
+
+# what signal.signal() returns: the handler it replaced (None: one not installed from Python)
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class SignalQueue:
@@ -25,7 +29,7 @@ class SignalQueue:
         self._pending: deque[int] = deque()
         self._read_fd = -1
         self._write_fd = -1
-        self._previous_handlers: dict[int, object] = {}
+        self._previous_handlers: dict[int, _Handler] = {}
         self._previous_wakeup_fd = -1
 
     def install(self) -> None:
@@ -60,7 +64,7 @@ class SignalQueue:
         """Put back the handlers and wakeup fd found at `install()`; close the pipe."""
         global _installed
         for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+            signal.signal(signum, handler)
         self._previous_handlers.clear()
         signal.set_wakeup_fd(self._previous_wakeup_fd)
         self._close_pipe()

@@ -45,7 +45,7 @@ async def tend_shared_store(
             expires = getattr(store, "lease_expires_at", lambda: None)()
             if expires is not None and clock() >= expires - lease_ttl / 3:
                 handed = hand_over() if hand_over is not None else 0
-                old = store.take_new_identity() if hasattr(store, "take_new_identity") else "?"  # type: ignore[attr-defined]
+                old = store.take_new_identity() if hasattr(store, "take_new_identity") else "?"
                 log.error(
                     "the shared store could not renew this process's lease in time; %d answers in flight were "
                     "left for other processes to finish (%s is given up)", handed, _host_pid(old),

@@ -54,9 +54,14 @@ async def start_apps(
 ) -> AppRouter:
     """The bot's router over `client` and its routes' apps, each checked (key accepted, app type right,
     `auto` resolved); `guard` wraps each app's answer streams. Raises ConfigError naming every key to fix."""
+    clients = [client]  # as the router's apps come: the bot's own, then one per route
+
+    def client_of(route: RouteConfig) -> DifyClient:
+        clients.append(route_client(bot, route, http))
+        return clients[-1]
+
     router = AppRouter.from_config(
-        bot, client, lambda route: route_client(bot, route, http), where=where,
-        answers=guard(client) if guard else None, guard=guard,  # type: ignore[arg-type]
+        bot, client, client_of, where=where, answers=guard(client) if guard else None, guard=guard,
     )  # fmt: skip
-    await check_at_start([(app.config_key, app.client) for app in router.apps])  # type: ignore[misc]
+    await check_at_start([(app.config_key, made) for app, made in zip(router.apps, clients, strict=True)])
     return router

@@ -92,7 +92,7 @@ class ParentChannel:
         try:
             fd = self._conn.fileno()
             capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-            queued = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            queued: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
         except (OSError, ValueError):
             return True
         return capacity - queued >= size

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import aiohttp
 
@@ -44,6 +44,15 @@ T = TypeVar("T")
 RECOVERY_RETRY = 5.0  # seconds between two looks at the answers left unfinished, when the store failed at start
 
 
+class CardBackoff(TypedDict, total=False):
+    """The card scheduler's back-off (CardScheduler's keywords of these names), which tests shorten."""
+
+    hold_base: float
+    hold_cap: float
+    retry_base: float
+    retry_cap: float
+
+
 class BotRuntime:
     def __init__(
         self,
@@ -52,7 +61,7 @@ class BotRuntime:
         channel: ParentChannel | None = None,
         *,
         late_delivery_after: float = LATE_AFTER,
-        card_backoff: dict[str, float] | None = None,
+        card_backoff: CardBackoff | None = None,
         stats: BotStats | None = None,
         store: Store | None = None,
         bridge_options: dict[str, Any] | None = None,
@@ -73,7 +82,7 @@ class BotRuntime:
         self.accounting: ApiAccounting | None = None
         self.scheduler: CardScheduler | None = None
         self.protections: DifyProtections | None = None
-        self._card_backoff = card_backoff or {}
+        self._card_backoff: CardBackoff = card_backoff or {}
         self.delivery_watch = DeliveryWatch(bot.dingtalk.client_id, late_after=late_delivery_after)
         self.stats = stats if stats is not None else BotStats()  # what `dingdifyd status` and the metrics show
         self._stop = asyncio.Event()
@@ -235,8 +244,9 @@ class BotRuntime:
             watched.add(beats)  # it returns when the supervisor is gone: an orphan stops too
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-            if stream.done() and not stream.cancelled() and stream.exception() is not None:
-                raise stream.exception()  # type: ignore[misc]
+            failure = stream.exception() if stream.done() and not stream.cancelled() else None
+            if failure is not None:
+                raise failure
             log.info("stopping: no new messages; %d answers in flight", bridge.in_flight)
             # stop taking messages first, so that DingTalk delivers new ones to the next process
             await self.connection.close()

@@ -48,7 +48,7 @@ class AppInfoRoutes(ChatApps):
         self._record(request, self._app_of(request), None)
         app = self._authenticate(request)
         methods = ["local_file", "remote_url"]
-        parameters = (
+        parameters: dict[str, Any] = (
             {
                 "opening_statement": app.opening_statement,
                 "suggested_questions": [],

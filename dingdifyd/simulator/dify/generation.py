@@ -270,7 +270,8 @@ class Generation(ChatApps, WorkflowApps):
             raise DifyHTTPError(400, "completion_request_error", failure)
         if run.app.human_input is not None:
             return self._blocking_pause(run)
-        status, outputs, error = "succeeded", None, None
+        outputs: dict[str, Any] | None = None
+        status, error = "succeeded", None
         if run.fails_upstream:  # a 1.x workflow: 200 with the failed run (144b)
             status, outputs, error = "failed", {}, failure
         else:

@@ -63,7 +63,7 @@ class HumanInput(WorkflowEvents):
         if run.app.mode == "workflow":
             data = self._run_data(run) | {"paused_nodes": [form.node.node_id], "reasons": reasons}
             return run.dialect.blocking_body({"task_id": run.task_id, "workflow_run_id": wf.id, "data": data})
-        metadata = {"annotation_reply": None, "retriever_resources": [], "usage": None, "reasoning": {}}
+        metadata: dict[str, Any] = {"annotation_reply": None, "retriever_resources": [], "usage": None, "reasoning": {}}
         head = {"id": run.message_id, "mode": run.app.mode, "conversation_id": run.conversation_id,
                 "message_id": run.message_id, "workflow_run_id": wf.id, "answer": "", "metadata": metadata,
                 "created_at": run.created_at}  # fmt: skip

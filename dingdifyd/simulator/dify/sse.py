@@ -62,7 +62,8 @@ class EventWriter:
 
     @property
     def transport(self) -> Any:
-        return getattr(self._response, "_req", None) and self._response._req.transport  # type: ignore[union-attr]
+        request = getattr(self._response, "_req", None)  # aiohttp's own link to the request: the way to its socket
+        return request.transport if request is not None else None
 
     def start_pings(self, interval: float) -> None:
         self._ping_task = asyncio.create_task(self._ping_loop(interval))

@@ -158,6 +158,30 @@ class AnswerStream(DifyFiles):
             for event in self._step_events(run, step):
                 await writer.send(event)
 
+    def _node(self, run: Run, node_id: str) -> dict[str, Any]:
+        """A node of the fake's workflow as its events describe it (step events and workflow events alike)."""
+        review = run.form.node if run.form is not None else run.app.human_input
+        nodes = {
+            "start": ("start", "Start", 1, None),
+            "llm": ("llm", "LLM", 2, "start"),
+            "answer": ("answer", "Answer", 3, "llm"),
+            "end": ("end", "End", 3, "llm"),
+        }
+        if review is not None:
+            nodes[review.node_id] = ("human-input", review.title, 2, "start")
+        node_type, title, index, predecessor = nodes[node_id]
+        node = {
+            "id": str(uuid.uuid5(ID_NAMESPACE, f"{run.task_id}:{node_id}")),
+            "node_id": node_id,
+            "node_type": node_type,
+            "title": title,
+            "index": index,
+            "predecessor_node_id": predecessor,
+        }
+        if run.dialect.is_1x:  # 1.x numbers every node 1 and names no predecessor (101)
+            node |= {"index": 1, "predecessor_node_id": None}
+        return node
+
     def _step_events(self, run: Run, step: str) -> list[dict[str, Any]]:
         now = int(time.time())
         head = {"task_id": run.task_id, "workflow_run_id": self._workflow_run_id(run)}

@@ -4,11 +4,10 @@ the pause; the run's `sys.*` inputs and outputs; and its run record (docs/dify.m
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, ClassVar
 
 from dingdifyd.simulator.dify.forms import FakeForm
-from dingdifyd.simulator.dify.model import ID_NAMESPACE, REASONING, UPSTREAM_FAILURES, Run
+from dingdifyd.simulator.dify.model import REASONING, UPSTREAM_FAILURES, Run
 from dingdifyd.simulator.dify.streaming import AnswerStream
 
 
@@ -30,29 +29,6 @@ class WorkflowEvents(AnswerStream):
         inputs["sys.workflow_id"] = run.app.workflow_id
         inputs["sys.workflow_run_id"] = self._workflow_run_id(run)
         return inputs
-
-    def _node(self, run: Run, node_id: str) -> dict[str, Any]:
-        review = run.form.node if run.form is not None else run.app.human_input
-        nodes = {
-            "start": ("start", "Start", 1, None),
-            "llm": ("llm", "LLM", 2, "start"),
-            "answer": ("answer", "Answer", 3, "llm"),
-            "end": ("end", "End", 3, "llm"),
-        }
-        if review is not None:
-            nodes[review.node_id] = ("human-input", review.title, 2, "start")
-        node_type, title, index, predecessor = nodes[node_id]
-        node = {
-            "id": str(uuid.uuid5(ID_NAMESPACE, f"{run.task_id}:{node_id}")),
-            "node_id": node_id,
-            "node_type": node_type,
-            "title": title,
-            "index": index,
-            "predecessor_node_id": predecessor,
-        }
-        if run.dialect.is_1x:  # 1.x numbers every node 1 and names no predecessor (101)
-            node |= {"index": 1, "predecessor_node_id": None}
-        return node
 
     _PARALLEL: ClassVar[dict[str, None]] = {
         "parallel_id": None,

@@ -11,9 +11,11 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 from aiohttp import web
+
+T = TypeVar("T")
 
 # API names: the keys of `calls`, `qps_rejections` and `fail_next`.
 API_GATEWAY_OPEN = "gateway.open"
@@ -43,7 +45,7 @@ def api_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message, "requestid": request_id()}, status=status)
 
 
-def is_str_map(value: Any) -> bool:
+def is_str_map(value: Any) -> TypeGuard[dict[str, str]]:
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
                                            for k, v in value.items())
 
@@ -114,8 +116,8 @@ class DingTalkCore:
             queue.append(_Fault(status, payload, delay))
 
     async def wait_for(
-        self, predicate: Callable[[], Any], timeout: float = 5.0, what: str = "a condition"
-    ) -> Any:
+        self, predicate: Callable[[], T | None], timeout: float = 5.0, what: str = "a condition"
+    ) -> T:
         """Wait until `predicate()` is truthy (checked after every change the fake sees); return its value."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -272,7 +272,8 @@ class StreamGateway(DingTalkCore):
             return
         if not isinstance(frame, dict):
             return
-        headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
+        headers = frame.get("headers")
+        headers = headers if isinstance(headers, dict) else {}
         message_id = str(headers.get("messageId", ""))
         code = frame.get("code")
         self.acks.append(Ack(message_id, code if isinstance(code, int) else None,
