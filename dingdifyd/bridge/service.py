@@ -14,37 +14,29 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, NamedTuple
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from dingdifyd.bridge import attachments as att
 from dingdifyd.bridge import forms, intake, session
 from dingdifyd.bridge.access import AccessPolicy
-from dingdifyd.bridge.apps import AppRouter, DifyApp
+from dingdifyd.bridge.apps import AppRouter
 from dingdifyd.bridge.commands import ChatCommands, parse_command
 from dingdifyd.bridge.failures import failure_note
-from dingdifyd.bridge.forms import Answer, Invalid, NotAnAnswer, PendingForm
+from dingdifyd.bridge.form_replies import FormReplies
 from dingdifyd.bridge.human_input import FormDesk
 from dingdifyd.bridge.ledger import AnswerLedger
 from dingdifyd.bridge.markdown import for_plain_reply
 from dingdifyd.bridge.media import MediaTransfers, send_after_card
 from dingdifyd.bridge.ports import MessageFiles, ReplyChannel
-from dingdifyd.bridge.progress import with_suggestions
 from dingdifyd.bridge.recent import RecentIds
 from dingdifyd.bridge.report import AnswerReport
-from dingdifyd.bridge.rich import RichAnswer
-from dingdifyd.bridge.running import AnswerTurn, RunningAnswers, stopped_text
+from dingdifyd.bridge.run_reading import ANSWERED, Done, with_note
+from dingdifyd.bridge.running import AnswerTurn, RunningAnswers
 from dingdifyd.bridge.streamer import CardStreamer
-from dingdifyd.bridge.transcript import Ending, Transcript
-from dingdifyd.bridge.uploads import IncomingFiles, Question
+from dingdifyd.bridge.uploads import IncomingFiles
 from dingdifyd.config import BotConfig
-from dingdifyd.dify.events import Admitted, DifyEvent, MessageEnd, MessageFile, Queued, WorkflowFinished
 from dingdifyd.errors import (
-    ConversationNotFound,
-    DifyStreamCut,
-    FormAnswerRefused,
     PeerError,
-    RunNotFollowable,
     StoreUnavailable,
 )
 from dingdifyd.logs.fields import event as log_event
@@ -58,12 +50,9 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # an answer whose process died this many times is given up, visibly
 
-EMPTY_ANSWER = "(The app returned an empty answer.)"
 INTERNAL_ERROR = "Something went wrong on our side while answering. Please try again."
 INTERRUPTED = "The bot is restarting and could not finish this answer. Please ask again in a moment."
 GAVE_UP = "This message could not be answered (the bot stopped several times while answering it)."
-QUEUED = "⏳ Queued: {ahead} ahead"  # the answer waits for its turn at the AI service (dify/protected.py)
-QUEUE_YOUR_TURN = "⏳ It is your turn; the answer is on its way."
 CANNOT_TAKE_MESSAGES = (
     "Sorry, I cannot take messages right now: the bot's server has a problem (its admin can see it in the "
     "log). Please send your message again in a few minutes."
@@ -87,17 +76,10 @@ class Intake(enum.Enum):
         return self is not Intake.NOT_TAKEN
 
 
-class Done(NamedTuple):
-    """How one message's handling ended, and what still follows its card (images, files: media.py)."""
+class BridgeService(FormReplies):
+    """One bot's messages in, their answers out: what the bot process (worker/) and the terminal chat drive. Asking
+    Dify and following its runs is in bridge/run_reading.py, a form's answer in bridge/form_replies.py."""
 
-    outcome: str  # answered | failed
-    sends: tuple[dict[str, str], ...] = ()
-
-
-ANSWERED = Done("answered")
-
-
-class BridgeService:
     def __init__(
         self,
         *,
@@ -342,17 +324,17 @@ class BridgeService:
             outcome = "interrupted"
             if key not in self._handed_over:
                 with contextlib.suppress(BaseException):
-                    ending = streamer.fail(_with_note(streamer.text, self.interrupted_note))
+                    ending = streamer.fail(with_note(streamer.text, self.interrupted_note))
                     await asyncio.wait_for(asyncio.shield(ending), 10)
             raise
         except PeerError as exc:
             error = exc
             log.warning("message %s: %s", message.msg_id, exc.brief())
-            await streamer.fail(_with_note(streamer.text, failure_note(exc)))
+            await streamer.fail(with_note(streamer.text, failure_note(exc)))
         except Exception as exc:
             error = exc
             log.exception("message %s: unexpected error", message.msg_id)
-            await streamer.fail(_with_note(streamer.text, INTERNAL_ERROR))
+            await streamer.fail(with_note(streamer.text, INTERNAL_ERROR))
         finally:
             self._streamers.pop(key, None)
             if key in self._handed_over:
@@ -472,319 +454,3 @@ class BridgeService:
         finally:
             await rich.aclose()
 
-    # --- human-input forms ------------------------------------------------------------------------------------
-
-    async def _reply_to_forms(
-        self,
-        message: IncomingMessage,
-        streamer: CardStreamer,
-        app: DifyApp,
-        key: str,
-        text: str,
-        mine: PendingForm | None,
-        others: list[PendingForm],
-    ) -> Done | None:
-        """Answer the sender's pending form when the message is its answer; None when it is a new question."""
-        if mine is None:
-            for other in others if message.is_group else ():
-                if forms.choose_action(other.form.actions, text) is not None:
-                    asker = other.asker_name or forms.UNNAMED_ASKER
-                    await streamer.finish(forms.ONLY_ASKER.format(asker=asker, title=other.title))
-                    return ANSWERED
-            return None
-        if mine.action_id and att.attachments_of(message):  # the file an answer waits for
-            return await self._form_files(message, streamer, app, key, mine)
-        if not text:
-            return None
-        reply = forms.read_reply(mine.form, text)
-        if isinstance(reply, NotAnAnswer):
-            return None
-        if isinstance(reply, Invalid):
-            await streamer.finish(forms.ANSWER_INVALID.format(reason=reply.reason, title=mine.title))
-            return ANSWERED
-        return await self._answer_or_wait(message, streamer, app, key, mine, reply)
-
-    async def _answer_or_wait(
-        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm,
-        reply: Answer,
-    ) -> Done:  # fmt: skip
-        """Submit the answer, or keep it until the files its file fields wait for are sent."""
-        if reply.awaiting:
-            waiting = dataclasses.replace(pending, action_id=reply.action_id, inputs=dict(reply.inputs))
-            self.forms.keep(app, message, waiting)
-            await streamer.finish(forms.ANSWER_SEND_FILE.format(name=reply.awaiting[0].name, title=pending.title))
-            return ANSWERED
-        return await self._answer_form(message, streamer, app, key, pending, reply.action_id, dict(reply.inputs))
-
-    async def _form_files(
-        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm
-    ) -> Done:
-        """A picture or file sent for the first file field an answer waits for."""
-        field = next(f for f in pending.form.fields if f.is_file and f.name not in pending.inputs)
-        refused = next((a for a in att.attachments_of(message)
-                        if not forms.accepts(field, a.dify_type, a.extension)), None)  # fmt: skip
-        if refused is not None:
-            wrong = forms.ANSWER_FILE_WRONG.format(name=field.name, kinds=forms.kinds_of(field), title=pending.title)
-            await streamer.finish(wrong)
-            return ANSWERED
-        limit = 1 if field.type == "file" else field.max_files or 10
-        uploaded = await self.incoming.upload_for_form(message, user=pending.dify_user, app=app, limit=limit)
-        if isinstance(uploaded, str):
-            await streamer.finish(forms.ANSWER_INVALID.format(reason=uploaded, title=pending.title))
-            return ANSWERED
-        value: Any = uploaded[0] if field.type == "file" else uploaded
-        reply = forms.answer(pending.form, pending.action_id, {**pending.inputs, field.name: value})
-        if isinstance(reply, Invalid):  # (cannot be: the rest was checked when the action was chosen)
-            await streamer.finish(forms.ANSWER_INVALID.format(reason=reply.reason, title=pending.title))
-            return ANSWERED
-        return await self._answer_or_wait(message, streamer, app, key, pending, reply)
-
-    async def _answer_form(
-        self, message: IncomingMessage, streamer: CardStreamer, app: DifyApp, key: str, pending: PendingForm,
-        action_id: str, inputs: dict[str, Any],
-    ) -> Done:  # fmt: skip
-        """Answer the form in Dify and stream what the run does next into this message's card."""
-        submit_form = self.forms.submitter(app, pending, action_id, inputs)
-
-        async def submit() -> None:
-            await submit_form()
-            self.forms.forget(app, message)  # answered: whatever happens next, it is no longer pending
-
-        show = streamer.set_text if self.bot.presentation.show_progress else None
-        turn = AnswerTurn(app=app, session_key=key, user=pending.dify_user, show=show)
-        if pending.conversation_id and self.store.get_conversation(key) != pending.conversation_id:
-            turn.detached = True  # the session moved on (/new, a newer conversation): do not bring this one back
-        rich = self._rich(message, app)
-        streamer.render_with(rich.view)
-        resume = getattr(app.answers, "resume_with", None)
-        try:
-            with self.running.track(turn):
-                try:
-                    if resume is None:
-                        raise RunNotFollowable("these answers cannot follow a run")
-                    stream = resume(run_id=pending.workflow_run_id, task_id=pending.task_id, user=pending.dify_user,
-                                    submit=submit)  # fmt: skip
-                    transcript = await self._follow(stream, pending.conversation_id or None, streamer, turn, rich)
-                except RunNotFollowable:
-                    # this Dify cannot show the resumed run: answer all the same, and read a workflow's end
-                    await submit()
-                    run_result = getattr(app.answers, "run_result", None)
-                    if app.client.app_type != "workflow" or run_result is None:
-                        await streamer.finish(forms.ANSWER_NOT_PASSED.format(title=pending.title))
-                        return ANSWERED
-                    stream = run_result(run_id=pending.workflow_run_id, task_id=pending.task_id,
-                                        user=pending.dify_user)  # fmt: skip
-                    transcript = await self._follow(stream, None, streamer, turn, rich)
-            return await self._end_card(message, streamer, turn, rich, transcript, [])
-        except FormAnswerRefused as refused:
-            log.info("message %s: the form answer was refused (%s)", message.msg_id, refused.kind)
-            await streamer.finish(self._refused_text(app, message, pending, refused))
-            return ANSWERED
-        finally:
-            await rich.aclose()
-
-    def _refused_text(
-        self, app: DifyApp, message: IncomingMessage, pending: PendingForm, refused: FormAnswerRefused
-    ) -> str:
-        title = pending.title
-        if refused.kind == "invalid":  # the form stays: the person may answer again
-            return forms.ANSWER_REFUSED.format(title=title, reason=str(refused))
-        self.forms.forget(app, message)
-        if refused.kind == "expired":
-            return forms.ANSWER_EXPIRED.format(title=title)
-        if refused.kind == "submitted":
-            return forms.ANSWER_TOO_LATE.format(title=title)
-        return forms.ANSWER_GONE.format(title=title)
-
-    async def _pause_card(
-        self, message: IncomingMessage, streamer: CardStreamer, turn: AnswerTurn, transcript: Transcript, shown: str
-    ) -> Done:
-        """A run that waits for a form: the form in the card, kept for the person's answer."""
-        form = transcript.forms[0] if transcript.forms else None
-        if form is None:
-            text = forms.FORM_UNAVAILABLE.format(title=forms.UNTITLED_FORM)
-        elif form.token is None:
-            text = forms.render_elsewhere(form)  # delivered only where the Service API may not answer it
-        else:
-            resolved = await self.forms.resolved(turn.app, form)
-            if isinstance(resolved, FormAnswerRefused):
-                text = forms.FORM_EXPIRED
-            else:
-                now = self.forms.clock()
-                pending = PendingForm(
-                    form=resolved, app=turn.app.namespace, workflow_run_id=transcript.run_id, task_id=turn.task_id,
-                    dify_user=turn.user, asker=message.user_id, asker_name=message.sender_nick,
-                    conversation_id=transcript.conversation_id, created_at=now,
-                )  # fmt: skip
-                self.forms.keep(turn.app, message, pending)
-                log.info("message %s: run %s waits for form %s", message.msg_id, transcript.run_id, form.form_id)
-                text = forms.render_form(resolved, now)
-        await streamer.finish(f"{shown.rstrip()}\n\n---\n{text}" if shown.strip() else text)
-        return ANSWERED
-
-    async def _follow_run_of(
-        self, message: IncomingMessage, streamer: CardStreamer, record: InFlight, app: DifyApp, key: str, user: str
-    ) -> Done | None:
-        """Finish an answer whose process died, from its Dify run; None when this Dify cannot follow it (the
-        question is then asked again, as before 1.x)."""
-        follow = getattr(app.answers, "follow_run", None)
-        if follow is None:
-            return None
-        turn = AnswerTurn(app=app, session_key=key, user=user)  # no progress lines: the card keeps its text
-        rich = self._rich(message, app)
-        streamer.render_with(rich.view)
-        stream = follow(run_id=record.workflow_run_id, task_id=record.task_id, user=user)
-        try:
-            with self.running.track(turn):
-                # the card keeps what the dead process wrote until the run's end is known: the run's text
-                # between then and now is not to be had again
-                transcript = await self._follow(stream, None, streamer, turn, rich, quiet=True)
-            log.info("message %s: followed Dify run %s to its end", message.msg_id, record.workflow_run_id)
-            return await self._end_card(message, streamer, turn, rich, transcript, [])
-        except RunNotFollowable as exc:
-            log.info("message %s: run %s cannot be followed (%s); asking again", message.msg_id,
-                     record.workflow_run_id, exc.status)  # fmt: skip
-            return None
-        finally:
-            await rich.aclose()
-
-    async def _end_card(
-        self,
-        message: IncomingMessage,
-        streamer: CardStreamer,
-        turn: AnswerTurn,
-        rich: RichAnswer,
-        transcript: Transcript,
-        notes: list[str],
-        *,
-        hint: str | None = None,
-    ) -> Done:
-        """End the card the way the run ended: its answer, what was written with why it stopped, or the form it
-        waits for. `hint`: a line after the answer (a form still waiting)."""
-        ending = transcript.ending
-        shown = await rich.final(transcript.raw)
-        if ending is Ending.PAUSED and not turn.stopped:
-            return await self._pause_card(message, streamer, turn, transcript, shown)
-        if ending is Ending.CUT and not turn.stopped:
-            await streamer.fail(_with_note(shown, DifyStreamCut.user_message))
-            return Done("failed")
-        final = await self._final_text(turn, shown, ending) or EMPTY_ANSWER
-        final = _with_notes(final, notes)
-        await streamer.finish(f"{final}\n\n{hint}" if hint else final)
-        return Done("answered", tuple(rich.after_card()))
-
-    def _rich(self, message: IncomingMessage, app: DifyApp) -> RichAnswer:
-        """How one answer is shown: rendered, with Dify's images and files brought over (a few at a time)."""
-        return RichAnswer(bot=self.bot, message=message, dify=app.client, files=self.files,
-                          transfers=self.media_transfers)  # fmt: skip
-
-    async def _final_text(self, turn: AnswerTurn, answer: str, ending: Ending) -> str:
-        """The answer as the card ends with it: marked when stopped (by /stop, or in Dify by someone else),
-        followed by suggested questions."""
-        if turn.stopped or ending is Ending.STOPPED:
-            return stopped_text(answer)
-        if self.bot.presentation.show_suggested_questions and answer.strip():
-            timeout = self.bot.presentation.suggested_questions_timeout
-            return with_suggestions(answer, await turn.app.suggested_questions(turn.message_id, turn.user, timeout))
-        return answer
-
-    async def _ask_dify(
-        self,
-        message: IncomingMessage,
-        question: Question,
-        streamer: CardStreamer,
-        turn: AnswerTurn,
-        rich: RichAnswer,
-        record: InFlight,
-    ) -> Transcript:
-        conversation_id = self.store.get_conversation(turn.session_key)
-        try:
-            return await self._stream(message, question, conversation_id, streamer, turn, rich, record)
-        except ConversationNotFound:
-            if conversation_id is None:
-                raise
-            # expired or deleted on the Dify side: start afresh, once
-            log.info("message %s: conversation expired on the Dify side; starting a new one", message.msg_id)
-            self.store.forget_conversation(turn.session_key)
-            return await self._stream(message, question, None, streamer, turn, rich, record)
-
-    async def _stream(
-        self,
-        message: IncomingMessage,
-        question: Question,
-        conversation_id: str | None,
-        streamer: CardStreamer,
-        turn: AnswerTurn,
-        rich: RichAnswer,
-        record: InFlight,
-    ) -> Transcript:
-        stream = turn.app.answers.stream_answer(
-            query=question.query,
-            user=turn.user,
-            conversation_id=conversation_id,
-            inputs={**await turn.app.inputs_for(message), **question.inputs},
-            files=question.files or None,
-        )
-
-        def remember_run(run_id: str, task_id: str) -> None:
-            # a successor of this process follows the run instead of asking again (Dify ≥ 1.14)
-            self.ledger.save(dataclasses.replace(record, workflow_run_id=run_id, task_id=task_id))
-
-        return await self._follow(stream, conversation_id, streamer, turn, rich, on_run=remember_run)
-
-    async def _follow(
-        self,
-        stream: AsyncIterator[DifyEvent],
-        conversation_id: str | None,
-        streamer: CardStreamer,
-        turn: AnswerTurn,
-        rich: RichAnswer,
-        *,
-        quiet: bool = False,
-        on_run: Callable[[str, str], None] | None = None,
-    ) -> Transcript:
-        """Read a run's events into the card: the text as it grows (unless `quiet`), its files, and how it
-        ended. `on_run` learns the run's id and task id once the stream names them."""
-        transcript = Transcript()
-        key = turn.session_key
-        remembered = conversation_id
-        ttl = self.bot.conversation.ttl
-        run_named = False
-        queue_shown = False  # the card says the answer waits for its turn (not the answer, nor a failure's)
-        try:
-            # the turn records the task id (/stop), shows progress until the text starts, ends early when stopped
-            async for event in turn.events(stream):
-                if event.conversation_id and event.conversation_id != remembered and not turn.detached:
-                    # remember at once: even if this answer fails later, the next message continues it
-                    self.store.set_conversation(key, event.conversation_id, ttl)
-                    remembered = event.conversation_id
-                if on_run is not None and not run_named and event.workflow_run_id and event.task_id:
-                    run_named = True
-                    on_run(event.workflow_run_id, event.task_id)
-                if isinstance(event, Queued):
-                    # the card shows the place when it changes; the streamer paces the updates like any text
-                    streamer.set_text(QUEUED.format(ahead=event.ahead))
-                    queue_shown = True
-                elif isinstance(event, Admitted):
-                    streamer.set_text(QUEUE_YOUR_TURN)
-                if isinstance(event, MessageFile | MessageEnd | WorkflowFinished):
-                    rich.see(event)  # images and files beside the text
-                if transcript.feed(event) and not quiet:
-                    streamer.set_text(transcript.raw)
-        except BaseException:
-            if queue_shown and not transcript.raw:
-                streamer.set_text("")  # a failure shows its note alone, not after a place in a queue
-            raise
-        if remembered and not turn.detached:
-            self.store.set_conversation(key, remembered, ttl)  # sliding expiry: every turn restarts the clock
-        return transcript
-
-
-def _with_notes(answer: str, notes: list[str]) -> str:
-    """The answer, then what could not be passed on (files the app did not accept)."""
-    return "\n\n".join([answer, *(f"⚠️ {note}" for note in notes)]) if notes else answer
-
-
-def _with_note(partial: str, note: str) -> str:
-    """Keep what was already answered and say clearly why it stopped."""
-    return f"{partial.rstrip()}\n\n---\n⚠️ {note}" if partial.strip() else f"⚠️ {note}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dingdifyd.bridge.service import QUEUED
+from dingdifyd.bridge.run_reading import QUEUED
 from dingdifyd.errors import DifyOverloaded
 from dingdifyd.pacing.circuit import CircuitSettings, CircuitState
 from dingdifyd.simulator.dify import FakeDify, start_fake_dify

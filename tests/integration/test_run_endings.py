@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from dingdifyd.bridge.run_reading import EMPTY_ANSWER
 from dingdifyd.bridge.running import STOPPED
-from dingdifyd.bridge.service import EMPTY_ANSWER
 from dingdifyd.errors import DifyError
 from dingdifyd.simulator.dify import FakeDify
 from dingdifyd.simulator.dingtalk import FakeDingTalk
